@@ -1,0 +1,82 @@
+"""Select UNet layers by dotted-name patterns: one matcher for attention processors and for hooked modules.
+
+Patterns are globs over dotted module paths (`*` crosses dots), with aliases and filters:
+  - `down.`, `mid.`, `up.` prefixes expand to `down_blocks.`, `mid_block.`, `up_blocks.`
+  - `self` / `cross` alone select every self- (`attn1`) / cross-attention (`attn2`) layer
+  - a suffix `@16` keeps layers whose nominal feature map is 16x16 (at the model's default sample size)
+  - `re:` starts a regular expression (fullmatch) instead of a glob
+Examples: `up.*.attn1`, `cross@16`, `down_blocks.1.*attn2`, `re:up_blocks\\.[12]\\..*attn1`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+
+ALIASES = {"down.": "down_blocks.", "mid.": "mid_block.", "up.": "up_blocks."}
+KINDS = {"self": "*.attn1", "cross": "*.attn2", "attn": "*.attn[12]"}
+
+
+def resolution(unet, name: str) -> int | None:
+    """Nominal side length of the feature map a UNet submodule works on (latent sample size / 2**level)."""
+    cfg = getattr(unet, "config", None)
+    size = getattr(cfg, "sample_size", None)
+    if size is None:
+        return None
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    n = len(cfg.block_out_channels)
+    parts = name.split(".")
+    if parts[0] == "down_blocks":
+        level = int(parts[1])
+        if len(parts) > 2 and parts[2] == "downsamplers":
+            level += 1
+    elif parts[0] == "up_blocks":
+        level = n - 1 - int(parts[1])
+        if len(parts) > 2 and parts[2] == "upsamplers":
+            level -= 1
+    elif parts[0] == "mid_block":
+        level = n - 1
+    else:
+        return size
+    return size // 2**level
+
+
+def _compile(pattern: str):
+    if pattern.startswith("re:"):
+        rx = re.compile(pattern[3:])
+        return lambda name: rx.fullmatch(name) is not None
+    glob = KINDS.get(pattern, pattern)
+    for short, full in ALIASES.items():
+        if glob.startswith(short):
+            glob = full + glob[len(short):]
+    return lambda name: fnmatch.fnmatchcase(name, glob)
+
+
+def select(names, pattern: str, unet=None) -> list[str]:
+    """The names matching `pattern`, in the given order; a pattern matching nothing is a ValueError."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"a layer pattern must be a str, got {type(pattern).__name__}")
+    names = list(names)
+    base, res = pattern, None
+    if "@" in pattern and not pattern.startswith("re:"):
+        base, _, res_s = pattern.rpartition("@")
+        if not res_s.isdigit():
+            raise ValueError(f"bad resolution filter in {pattern!r}: use e.g. 'cross@16'")
+        res = int(res_s)
+        if unet is None:
+            raise ValueError(f"{pattern!r} filters by resolution, which needs the UNet")
+    match = _compile(base or "*")
+    out = [n for n in names if match(n) and (res is None or resolution(unet, n) == res)]
+    if not out:
+        sizes = sorted({resolution(unet, n) for n in names} - {None}) if unet is not None else []
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+        raise ValueError(f"layer pattern {pattern!r} matches nothing. Aliases: down./mid./up., self, cross, attn"
+                         f"{'; resolutions: ' + str(sizes) if sizes else ''}. Names: {shown}")
+    return out
+
+
+def select_many(names, patterns, unet=None) -> list[str]:
+    """Union of several patterns (each must match something), in the names' order."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    chosen = {n for p in patterns for n in select(names, p, unet)}
+    return [n for n in names if n in chosen]

@@ -1,0 +1,167 @@
+"""Model registry: one name per model family, the same loading code for the toy model and the hub models.
+
+`load_pipeline("toy")` loads the toy model shipped in `diffnb/assets/toy` through `from_pretrained`, exactly as
+`load_pipeline("sd15")` loads Stable Diffusion 1.5 from the hub, so every notebook runs unchanged on all three.
+`tiny_pipeline("sd15" | "sdxl")` builds small random-weight pipelines of both architectures, offline, for tests.
+"""
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TOY_DIR = ASSETS / "toy"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str  # hub id or local folder
+    family: str  # "sd15" | "sdxl" (pipelines) or "encoder"
+    resolution: int = 512  # default image size in pixels
+    steps: int = 50
+    guidance: float = 7.5
+    note: str = ""
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "toy": ModelSpec(str(TOY_DIR), "sd15", resolution=64, steps=20, guidance=5.0,
+                     note="our SD1.5-shaped model of the toy world, shipped in the package, CPU in seconds"),
+    "sd15": ModelSpec("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd15", 512, 50, 7.5),
+    "sdxl": ModelSpec("stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 1024, 50, 5.0),
+    "ip-adapter-plus": ModelSpec("h94/IP-Adapter", "encoder", note="subfolder models, ip-adapter-plus_sd15.safetensors"),
+    "clip": ModelSpec("openai/clip-vit-base-patch32", "encoder", 224),
+    "dinov2-small": ModelSpec("facebook/dinov2-small", "encoder", 224),
+    "dinov2-base": ModelSpec("facebook/dinov2-base", "encoder", 224),
+}
+PIPELINES = tuple(k for k, v in REGISTRY.items() if v.family in ("sd15", "sdxl"))
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def spec(name: str) -> ModelSpec:
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a str, got {type(name).__name__}")
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """The requested device, or the best available one: cuda, then mps, then cpu."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but CUDA is not available here; use device=None or 'cpu'")
+    return device
+
+
+def pick_dtype(device: torch.device, dtype: torch.dtype | str | None = None) -> torch.dtype:
+    """fp16 on accelerators, fp32 on CPU; fp16 on CPU is refused (diffusers cannot run it there)."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None) if dtype in ("float16", "bfloat16", "float32", "float64") else dtype
+        if isinstance(dtype, str):
+            raise ValueError(f"unknown dtype {dtype!r}; allowed: float16, bfloat16, float32, float64")
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if not isinstance(dtype, torch.dtype) or dtype not in _FLOATS:
+        raise TypeError(f"dtype must be one of {[str(d) for d in _FLOATS]}, got {dtype!r}")
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ValueError("float16 does not run on the CPU; use torch.float32 (or bfloat16) on cpu, float16 on cuda")
+    return dtype
+
+
+def toy_is_trained() -> bool:
+    return (TOY_DIR / "model_index.json").exists()
+
+
+def load_pipeline(name: str = "toy", device: str | torch.device | None = None,
+                  dtype: torch.dtype | str | None = None, **kwargs):
+    """Load a registered text-to-image pipeline on the best device, in fp16 on accelerators and fp32 on CPU."""
+    s = spec(name)
+    if s.family not in ("sd15", "sdxl"):
+        raise ValueError(f"{name!r} is an image encoder, not a pipeline; pipelines: {list(PIPELINES)}")
+    device = pick_device(device)
+    dtype = pick_dtype(device, dtype)
+    if name == "toy" and not toy_is_trained():
+        warnings.warn("the toy model is not trained yet: 'toy' resolves to a tiny RANDOM SD1.5-shaped pipeline",
+                      stacklevel=2)
+        return tiny_pipeline("sd15").to(device, dtype)
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if s.family == "sdxl" else StableDiffusionPipeline
+    extra = {"safety_checker": None, "requires_safety_checker": False} if s.family == "sd15" else {}
+    if dtype == torch.float16 and name != "toy":
+        extra["variant"] = "fp16"
+    pipe = cls.from_pretrained(s.source, torch_dtype=dtype, **{**extra, **kwargs})
+    # DDIM everywhere: deterministic sampling and exact inversion, as the papers' code uses.
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def family(pipe) -> str:
+    """'sdxl' or 'sd15' from the pipeline's components (SDXL has a second text encoder)."""
+    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
+
+
+def _tiny_tokenizer():
+    from transformers import CLIPTokenizer
+
+    from .toyworld.prompts import WORDS, write_word_tokenizer
+
+    words = sorted(set(WORDS) | {"photo", "of", "cat", "dog", "in", "style", "the", "watercolor", "painting"})
+    return CLIPTokenizer.from_pretrained(write_word_tokenizer(tempfile.mkdtemp(prefix="diffnb_tok_"), words, 16))
+
+
+def tiny_pipeline(arch: str = "sd15", seed: int = 0):
+    """A small random-weight pipeline of the SD1.5 or SDXL architecture, built from configs with no download.
+
+    The attention layout mirrors the real model: SD1.5 has cross-attention at every level, SDXL none at the
+    top level, two transformer blocks per attention at the lower one, and a second text encoder.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if arch not in ("sd15", "sdxl"):
+        raise ValueError(f"unknown architecture {arch!r}; allowed: 'sd15', 'sdxl'")
+    torch.manual_seed(seed)
+    tok = _tiny_tokenizer()
+    text_cfg = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                    projection_dim=32)
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    common = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8)
+    if arch == "sd15":
+        unet = UNet2DConditionModel(
+            block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+            attention_head_dim=8, **common)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)), tokenizer=tok,
+                                       unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    else:
+        unet = UNet2DConditionModel(
+            block_out_channels=(16, 32, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+            attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+            **common)
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)), tokenizer=tok,
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg)), tokenizer_2=tok,
+            unet=unet, scheduler=sched, force_zeros_for_empty_prompt=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,222 @@
+"""Scoped attention patching and a base attention processor that exposes q, k, v and the output.
+
+    with patch_attention(pipe.unet, {"up.*.attn1": MyProcessor(state)}):
+        images = pipe(prompts).images
+    # here unet.attn_processors holds the very same objects as before, also if the body raised
+
+`AttentionProcessor` reproduces diffusers' `AttnProcessor2_0` (scaled-dot-product attention) and calls
+overridable steps: `edit_qkv`, `edit_probs` (only computed when a subclass sets `needs_probs`), `edit_output`.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .layers import resolution, select
+
+
+@dataclass
+class RunState:
+    """Shared per-run state (processors and hooks read it; `track_steps` writes it).
+
+    Lives on the processors, not in `cross_attention_kwargs`, which diffusers filters by signature.
+    """
+    step: int = -1  # index of the current denoising step (0-based), -1 before the first UNet call
+    timestep: float | None = None
+    calls: int = 0  # UNet forward calls so far
+    data: dict = field(default_factory=dict)  # free slot for methods (masks, reference features, ...)
+
+    def reset(self):
+        self.step, self.timestep, self.calls = -1, None, 0
+
+
+@contextmanager
+def track_steps(unet, state: RunState):
+    """Keep `state.step` / `state.timestep` current: a forward pre-hook on the UNet reads the timestep."""
+    def pre_hook(module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        t = float(t.flatten()[0]) if torch.is_tensor(t) else (float(t) if t is not None else None)
+        if t != state.timestep or state.step < 0:
+            state.step += 1
+        state.timestep = t
+        state.calls += 1
+
+    handle = unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield state
+    finally:
+        handle.remove()
+
+
+def attention_names(unet) -> list[str]:
+    """Dotted module paths of every attention layer (the `attn_processors` keys without `.processor`)."""
+    return [k[: -len(".processor")] for k in unet.attn_processors]
+
+
+def attention_layers(unet) -> list[dict]:
+    """One row per attention layer: name, self/cross, nominal resolution, heads, channels."""
+    rows = []
+    for name in attention_names(unet):
+        mod = unet.get_submodule(name)
+        rows.append(dict(name=name, kind="cross" if mod.is_cross_attention else "self",
+                         resolution=resolution(unet, name), heads=mod.heads, channels=mod.inner_dim,
+                         processor=type(mod.processor).__name__))
+    return rows
+
+
+@dataclass
+class AttnCall:
+    """What a processor knows about the call it is in."""
+    name: str  # dotted layer name
+    attn: torch.nn.Module
+    is_cross: bool
+    batch: int
+    height: int | None  # feature-map size, when known (4-D input or square token grid)
+    width: int | None
+    state: RunState | None
+
+
+class AttentionProcessor:
+    """diffusers' attention math with SDPA, split into steps a subclass can edit.
+
+    One instance can be given to many layers: `patch_attention` installs a shallow copy per layer
+    (`for_layer`) that knows its name and shares everything else (state, stores) with the original.
+    """
+    needs_probs = False  # set True to get `edit_probs` (materialises the attention matrix)
+
+    def __init__(self, state: RunState | None = None):
+        self.state = state
+        self.layer_name = ""
+
+    def for_layer(self, name: str) -> "AttentionProcessor":
+        proc = copy.copy(self)
+        proc.layer_name = name
+        return proc
+
+    # --- the steps a subclass overrides -------------------------------------------------------------
+    def edit_qkv(self, call: AttnCall, q, k, v):
+        """q: (B, heads, N, d); k, v: (B, heads, M, d). Return the three tensors to attend with."""
+        return q, k, v
+
+    def edit_probs(self, call: AttnCall, probs):
+        """probs: (B, heads, N, M) softmax attention; only called when `needs_probs` is True."""
+        return probs
+
+    def attend(self, call: AttnCall, q, k, v, mask):
+        """Attention of (B, heads, N, d) queries; override to change how scores are formed."""
+        if not self.needs_probs:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        scores = q @ k.transpose(-1, -2) * (1 / math.sqrt(q.shape[-1]))
+        if mask is not None:
+            scores = scores + mask if mask.dtype != torch.bool else scores.masked_fill(~mask, float("-inf"))
+        probs = self.edit_probs(call, scores.softmax(dim=-1))
+        return probs @ v
+
+    def edit_output(self, call: AttnCall, out):
+        """out: (B, N, C) after the output projection, before the residual. Return the tensor to use."""
+        return out
+
+    # --- diffusers' AttnProcessor2_0, step by step --------------------------------------------------
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        height = width = None
+        if input_ndim == 4:
+            b, c, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, height * width).transpose(1, 2)
+        else:
+            side = math.isqrt(hidden_states.shape[1])
+            if side * side == hidden_states.shape[1]:
+                height = width = side
+        is_cross = encoder_hidden_states is not None
+        batch, seq_len, _ = (encoder_hidden_states if is_cross else hidden_states).shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if not is_cross:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        split = lambda x: x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        query, key, value = split(query), split(key), split(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        call = AttnCall(self.layer_name, attn, is_cross, batch, height, width, self.state)
+        query, key, value = self.edit_qkv(call, query, key, value)
+        hidden_states = self.attend(call, query, key, value, attention_mask)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        hidden_states = self.edit_output(call, hidden_states)
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, c, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextmanager
+def patch_attention(unet, processors: dict):
+    """Install processors on the layers matching each pattern; restore the exact originals on exit.
+
+    `processors` maps a layer pattern (see `diffnb.layers`) to a processor. Later patterns win where they
+    overlap. Works for any model with diffusers' `attn_processors` / `set_attn_processor` (UNets, SDXL too).
+    """
+    if not isinstance(processors, dict) or not processors:
+        raise TypeError("processors must be a non-empty dict {layer pattern: processor}")
+    if not hasattr(unet, "attn_processors"):
+        raise TypeError(f"{type(unet).__name__} has no attention processors; pass pipe.unet")
+    original = dict(unet.attn_processors)
+    names = [k[: -len(".processor")] for k in original]
+    new = dict(original)
+    for pattern, proc in processors.items():
+        if not callable(proc):
+            raise TypeError(f"the processor for {pattern!r} is not callable: {proc!r}")
+        for name in select(names, pattern, unet):
+            new[name + ".processor"] = proc.for_layer(name) if isinstance(proc, AttentionProcessor) else proc
+    unet.set_attn_processor(new)  # diffusers pops from the dict it is given: `original` stays intact
+    try:
+        yield unet
+    finally:
+        unet.set_attn_processor(dict(original))
+
+
+class TokenReweight(AttentionProcessor):
+    """Scale the cross-attention probabilities of some prompt tokens (prompt-to-prompt's reweighting).
+
+    Weights > 1 strengthen a word's influence on the image, < 1 weaken it; rows are not renormalised, as in
+    prompt-to-prompt, so the value mixture's magnitude moves with the weight.
+    """
+    needs_probs = True
+
+    def __init__(self, token_weights: dict[int, float], state: RunState | None = None):
+        super().__init__(state)
+        if not isinstance(token_weights, dict) or not token_weights:
+            raise ValueError("token_weights must be a non-empty dict {token index: weight}")
+        self.token_weights = token_weights
+
+    def edit_probs(self, call, probs):
+        if not call.is_cross:
+            return probs
+        w = torch.ones(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+        for idx, weight in self.token_weights.items():
+            if not 0 <= idx < len(w):
+                raise ValueError(f"token index {idx} out of range 0..{len(w) - 1}")
+            w[idx] = weight
+        return probs * w

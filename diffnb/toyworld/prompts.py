@@ -1,0 +1,76 @@
+"""The toy world's prompt grammar and the word-level CLIP tokenizer built from it.
+
+"a red heart on a striped background", "a heart and a blue moon", "a green object", "" ...
+Attributes are dropped at random in training so that what a prompt leaves out is sampled by the model.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .world import BACKGROUNDS, COLORS, SHAPES, Scene
+
+BG_WORD = {"plain": "plain", "striped": "striped", "checkered": "checkered", "dotted": "dotted"}
+WORDS = sorted({"a", "and", "on", "background", "object", *SHAPES, *COLORS, *BG_WORD.values()})
+MAX_TOKENS = 16  # longest prompt ("a red heart and a blue moon on a dotted background") is 11 words + 2 specials
+
+
+def describe(scene: Scene, rng: np.random.Generator | None = None, p_drop_shape: float = 0.0,
+             p_drop_color: float = 0.0, p_drop_background: float = 0.0) -> str:
+    """The prompt for a scene; each attribute is dropped with its probability (needs `rng` when > 0)."""
+    drop = lambda p: p > 0 and rng.random() < p
+    parts = []
+    for obj in scene.objects:
+        words = ["a"]
+        if not drop(p_drop_color):
+            words.append(obj.color)
+        words.append("object" if drop(p_drop_shape) else obj.shape)
+        parts.append(" ".join(words))
+    text = " and ".join(parts)
+    if not drop(p_drop_background):
+        text += f" on a {BG_WORD[scene.background]} background"
+    return text
+
+
+def prompt(shape: str | None = None, color: str | None = None, background: str | None = None) -> str:
+    """A one-object prompt naming only what is given (None = leave it to the model)."""
+    for value, allowed, what in ((shape, SHAPES, "shape"), (color, tuple(COLORS), "color"), (background, BACKGROUNDS, "background")):
+        if value is not None and value not in allowed:
+            raise ValueError(f"unknown {what} {value!r}; known: {allowed}")
+    text = " ".join(w for w in ("a", color, shape or "object") if w)
+    return text + (f" on a {BG_WORD[background]} background" if background else "")
+
+
+def write_word_tokenizer(folder: str | Path, words=WORDS, max_length: int = MAX_TOKENS) -> Path:
+    """Write vocab.json/merges.txt so that `CLIPTokenizer` maps each grammar word to one id, offline.
+
+    CLIP's BPE builds words from characters through ranked merges, so every word gets a chain of merges
+    (r+e -> re, re+d</w> -> red</w>) and every intermediate piece is in the vocabulary.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    merges = []
+    add = lambda tok: vocab.setdefault(tok, len(vocab))
+    for ch in sorted({c for w in words for c in w}):
+        add(ch), add(ch + "</w>")
+    for w in words:
+        pieces = list(w[:-1]) + [w[-1] + "</w>"]
+        left = pieces[0]
+        for nxt in pieces[1:]:
+            merges.append(f"{left} {nxt}")
+            left = left + nxt
+            add(left)
+    merges = list(dict.fromkeys(merges))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "model_max_length": max_length, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "do_lower_case": True,
+        "tokenizer_class": "CLIPTokenizer"}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>"}))
+    return folder

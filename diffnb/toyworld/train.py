@@ -1,0 +1,237 @@
+"""Train the toy model: `python -m diffnb.toyworld.train [--out build/toy_train] [--export diffnb/assets/toy]`.
+
+Stages, each checkpointed under --out so that a stopped run resumes where it was:
+  1. render the training split once (images + labels, .npz)
+  2. train the VAE (AutoencoderKL, 64 px -> 16x16x4 latents)
+  3. encode the data set to latents once (the UNet stage then never touches pixels)
+  4. train UNet + CLIP text encoder on the latents (epsilon loss with min-SNR weighting, CFG dropout, EMA)
+  5. export a StableDiffusionPipeline with save_pretrained (fp16 safetensors) + config + loss curve
+Uses CUDA when available, else the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import ToyDataset
+from .prompts import MAX_TOKENS, describe, write_word_tokenizer
+from .world import BACKGROUNDS, COLORS, DETAILS, SHAPES, IMAGE_SIZE
+
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+PROMPT_DROPOUT = dict(p_empty=0.1, p_drop_shape=0.15, p_drop_color=0.25, p_drop_background=0.3)
+
+
+def toy_components(tokenizer_dir: Path):
+    """The toy model's architecture: SD1.5-shaped, small enough for a CPU."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=MAX_TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        projection_dim=64))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=16, mid_block_add_attention=False, sample_size=IMAGE_SIZE)
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
+    return tokenizer, text_encoder, vae, unet
+
+
+def render_dataset(path: Path, n: int) -> dict:
+    if path.exists():
+        return dict(np.load(path))
+    ds = ToyDataset("train", length=n)
+    images, labels = [], []
+    for i in tqdm(range(n), desc="render"):
+        r = ds[i]
+        images.append(r.image)
+        o = r.scene.objects
+        labels.append([len(o), BACKGROUNDS.index(r.scene.background)] + [
+            v for k in range(2) for v in ((SHAPES.index(o[k].shape), list(COLORS).index(o[k].color),
+                                           DETAILS.index(o[k].detail)) if k < len(o) else (-1, -1, -1))])
+    data = dict(images=np.stack(images), labels=np.array(labels, dtype=np.int16))
+    np.savez(path, **data)
+    return data
+
+
+def prompts_from_labels(labels: np.ndarray, rng: np.random.Generator) -> list[str]:
+    """Training prompts with attribute dropout, rebuilt from the stored labels."""
+    from .world import Obj, Scene
+
+    out = []
+    for row in labels:
+        if rng.random() < PROMPT_DROPOUT["p_empty"]:
+            out.append("")
+            continue
+        objs = [Obj(SHAPES[row[2 + 3 * k]], list(COLORS)[row[3 + 3 * k]], DETAILS[row[4 + 3 * k]]) for k in range(row[0])]
+        scene = Scene(objs, background=BACKGROUNDS[row[1]])
+        out.append(describe(scene, rng, **{k: v for k, v in PROMPT_DROPOUT.items() if k != "p_empty"}))
+    return out
+
+
+def to_tensor(images: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def save_state(path: Path, step: int, **objs):
+    torch.save({"step": step, **{k: v.state_dict() for k, v in objs.items()}}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)  # atomic: a stop mid-save never corrupts the checkpoint
+
+
+def train_vae(vae, data, args, device, log):
+    ckpt = args.out / "vae.pt"
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device)
+        vae.load_state_dict(state["vae"]), opt.load_state_dict(state["opt"])
+        start = state["step"]
+    rng = np.random.default_rng(start)
+    vae.train()
+    for step in tqdm(range(start, args.vae_steps), desc="vae", initial=start, total=args.vae_steps):
+        x = to_tensor(data["images"][rng.integers(len(data["images"]), size=args.batch)], device)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log("vae", step, loss.item())
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.vae_steps:
+            save_state(ckpt, step + 1, vae=vae, opt=opt)
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, data, path: Path, device) -> np.ndarray:
+    if path.exists():
+        return np.load(path)
+    out = []
+    for i in tqdm(range(0, len(data["images"]), 256), desc="encode"):
+        out.append(vae.encode(to_tensor(data["images"][i:i + 256], device)).latent_dist.mean.cpu())
+    lat = torch.cat(out).numpy()
+    np.save(path, lat)
+    return lat
+
+
+def train_unet(unet, text_encoder, tokenizer, latents, labels, args, device, log):
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
+    ckpt = args.out / "unet.pt"
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device)
+        unet.load_state_dict(state["unet"]), text_encoder.load_state_dict(state["text"])
+        opt.load_state_dict(state["opt"])
+        ema = [t.to(device) for t in state["ema"]]
+        start = state["step"]
+    alphas = sched.alphas_cumprod.to(device)
+    snr = alphas / (1 - alphas)
+    rng = np.random.default_rng(1000 + start)
+    lat_t = torch.from_numpy(latents)
+    unet.train(), text_encoder.train()
+    for step in tqdm(range(start, args.unet_steps), desc="unet", initial=start, total=args.unet_steps):
+        idx = rng.integers(len(lat_t), size=args.batch)
+        x0 = lat_t[idx].to(device) * args.scaling_factor
+        ids = tokenizer(prompts_from_labels(labels[idx], rng), padding="max_length", max_length=MAX_TOKENS,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (len(x0),), device=device)
+        xt = sched.add_noise(x0, noise, t)
+        pred = unet(xt, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 (Hang et al. 2023): faster convergence
+        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - decay)
+        log("unet", step, loss.item())
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.unet_steps:
+            save_state(ckpt, step + 1, unet=unet, text=text_encoder, opt=opt)
+            state = torch.load(ckpt)
+            state["ema"] = [e.cpu() for e in ema]
+            torch.save(state, ckpt)
+    with torch.no_grad():  # export the EMA weights
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    unet.eval(), text_encoder.eval()
+
+
+def export(tokenizer, text_encoder, vae, unet, args):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    vae.register_to_config(scaling_factor=args.scaling_factor)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.to("cpu", torch.float16).save_pretrained(args.export, safe_serialization=True)
+    pipe.to(torch.float32)
+    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    (Path(args.export) / "training_config.json").write_text(json.dumps(
+        {"args": cfg, "scheduler": SCHEDULER_CONFIG, "prompt_dropout": PROMPT_DROPOUT}, indent=1))
+    print(f"exported to {args.export}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("build/toy_train"))
+    p.add_argument("--export", type=Path, default=Path(__file__).resolve().parents[1] / "assets" / "toy")
+    p.add_argument("--n-images", type=int, default=30_000)
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--unet-steps", type=int, default=8000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--ckpt-every", type=int, default=250)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer, text_encoder, vae, unet = toy_components(write_word_tokenizer(args.out / "tokenizer"))
+    for m in (text_encoder, vae, unet):
+        m.to(device)
+    log_file = open(args.out / "loss.csv", "a")
+    last = {}
+
+    def log(stage, step, value):
+        last[stage] = 0.98 * last.get(stage, value) + 0.02 * value
+        if step % 10 == 0:
+            log_file.write(f"{stage},{step},{value:.5f},{last[stage]:.5f},{time.time():.0f}\n")
+            log_file.flush()
+
+    data = render_dataset(args.out / "data.npz", args.n_images)
+    train_vae(vae, data, args, device, log)
+    latents = encode_latents(vae, data, args.out / "latents.npy", device)
+    args.scaling_factor = float(1.0 / latents.std())
+    train_unet(unet, text_encoder, tokenizer, latents, data["labels"], args, device, log)
+    export(tokenizer, text_encoder, vae, unet, args)
+
+
+if __name__ == "__main__":
+    main()
