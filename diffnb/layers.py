@@ -25,6 +25,8 @@ def resolution(unet, name: str) -> int | None:
     size = size[0] if isinstance(size, (tuple, list)) else size
     n = len(cfg.block_out_channels)
     parts = name.split(".")
+    if parts[0] in ("down_blocks", "up_blocks") and (len(parts) < 2 or not parts[1].isdigit()):
+        return None  # the block list itself spans every resolution
     if parts[0] == "down_blocks":
         level = int(parts[1])
         if len(parts) > 2 and parts[2] == "downsamplers":

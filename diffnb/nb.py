@@ -1,0 +1,56 @@
+"""What every notebook shares: the setup cell's work, measured claims, hero figures (for `make tour`)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .models import pick_device, pick_dtype
+
+
+def setup(seed: int = 0, device=None, dtype=None):
+    """No gradients, best device, fp16 on accelerators / fp32 on CPU, every RNG seeded; prints what it chose."""
+    torch.set_grad_enabled(False)
+    device = pick_device(device)
+    dtype = pick_dtype(device, dtype)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    print(f"torch {torch.__version__} | device {name} | dtype {str(dtype).replace('torch.', '')} | seed {seed}")
+    return device, dtype
+
+
+def generator(seed: int, device=None) -> torch.Generator:
+    """A seeded generator on the CPU (same images on every device type for a given seed)."""
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def claim(notebook: str, name: str, value: float, baseline: float | None = None, target: str = "") -> dict:
+    """Print one measured claim and, under `make tour`, record it for the summary table."""
+    row = dict(notebook=notebook, claim=name, value=float(value),
+               baseline=None if baseline is None else float(baseline), target=target)
+    base = "" if baseline is None else f" (baseline {baseline:.3f})"
+    print(f"[{notebook}] {name}: {value:.4g}{base} {target}")
+    out = os.environ.get("DIFFNB_RESULTS")
+    if out:
+        path = Path(out) / f"{notebook}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
+def save_figure(fig, name: str) -> Path | None:
+    """Write a hero figure to $DIFFNB_FIGURES/name.png when `make tour` asks for it."""
+    out = os.environ.get("DIFFNB_FIGURES")
+    if not out:
+        return None
+    path = Path(out) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path

@@ -1,0 +1,127 @@
+"""Pictures: image grids, heat-map overlays, PCA of features, per-token attention maps, a widget browser."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def to_uint8(image) -> np.ndarray:
+    """PIL / float [0,1] or [-1,1] / uint8, HWC or CHW, numpy or torch -> uint8 HWC numpy."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if torch.is_tensor(image):
+        image = image.detach().float().cpu().numpy()
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
+        image = image.transpose(1, 2, 0)
+    if image.dtype == np.uint8:
+        return image
+    if image.min() < 0:
+        image = (image + 1) / 2
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def image_grid(images, titles=None, ncols: int | None = None, size: float = 2.0, suptitle: str | None = None):
+    """A matplotlib figure of images with optional titles; returns the figure (shown inline in notebooks)."""
+    import matplotlib.pyplot as plt
+
+    images = list(images)
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    if titles is not None and len(titles) != len(images):
+        raise ValueError(f"{len(titles)} titles for {len(images)} images")
+    ncols = ncols or min(len(images), 8)
+    nrows = (len(images) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.4 if suptitle else 0)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, img in enumerate(images):
+        ax = axes.flat[i]
+        arr = img if (isinstance(img, np.ndarray) and img.ndim == 2) else to_uint8(img)
+        ax.imshow(arr, cmap="viridis" if arr.ndim == 2 else None, interpolation="nearest")
+        if titles is not None:
+            ax.set_title(str(titles[i]), fontsize=9)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def overlay(image, heat, alpha: float = 0.55, cmap: str = "jet") -> np.ndarray:
+    """Blend a heat map (any size, any range) over an image; returns uint8 HWC."""
+    import matplotlib
+
+    from PIL import Image
+
+    img = to_uint8(image)
+    heat = heat.detach().float().cpu().numpy() if torch.is_tensor(heat) else np.asarray(heat, dtype=np.float32)
+    heat = np.asarray(Image.fromarray(heat.astype(np.float32)).resize(img.shape[1::-1], Image.BILINEAR))
+    heat = (heat - heat.min()) / (np.ptp(heat) + 1e-8)
+    colored = matplotlib.colormaps[cmap](heat)[..., :3] * 255
+    return (img * (1 - alpha) + colored * alpha).round().astype(np.uint8)
+
+
+def pca_rgb(features, n_components: int = 3, fit_on=None) -> np.ndarray | list[np.ndarray]:
+    """Project (C, H, W) feature maps onto their top principal components, as RGB images in [0, 1].
+
+    Give a list to project several maps with one shared basis (so colours mean the same thing in each).
+    """
+    single = torch.is_tensor(features) or isinstance(features, np.ndarray)
+    maps = [features] if single else list(features)
+    maps = [m.detach().float().cpu().numpy() if torch.is_tensor(m) else np.asarray(m, dtype=np.float32) for m in maps]
+    for m in maps:
+        if m.ndim != 3:
+            raise ValueError(f"pca_rgb expects (C, H, W) maps, got shape {m.shape}")
+    flat = [m.reshape(m.shape[0], -1).T for m in maps]
+    basis_data = np.concatenate(flat if fit_on is None else [np.asarray(fit_on).reshape(-1, maps[0].shape[0])])
+    mean = basis_data.mean(0)
+    _, _, vt = np.linalg.svd(basis_data - mean, full_matrices=False)
+    proj = [(f - mean) @ vt[:n_components].T for f in flat]
+    lo = np.min([p.min(0) for p in proj], axis=0)
+    hi = np.max([p.max(0) for p in proj], axis=0)
+    out = [((p - lo) / (hi - lo + 1e-8)).reshape(m.shape[1], m.shape[2], n_components) for p, m in zip(proj, maps)]
+    return out[0] if single else out
+
+
+def token_maps(image, maps, tokens: list[str], size: float = 2.0):
+    """One overlay per token: `maps` is (H, W, n_tokens) cross-attention of one image."""
+    maps = maps.detach().cpu() if torch.is_tensor(maps) else torch.as_tensor(maps)
+    if maps.ndim != 3 or maps.shape[-1] != len(tokens):
+        raise ValueError(f"maps must be (H, W, {len(tokens)}) for {len(tokens)} tokens, got {tuple(maps.shape)}")
+    return image_grid([to_uint8(image)] + [overlay(image, maps[..., i]) for i in range(len(tokens))],
+                      titles=["image"] + list(tokens), size=size)
+
+
+def browse(results: dict, labels: tuple[str, str] = ("layer", "step"), size: float = 3.0):
+    """ipywidgets view over precomputed images keyed by (a, b): two sliders/dropdowns pick what is shown."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    if not results:
+        raise ValueError("browse needs a non-empty {(a, b): image} dict")
+    a_vals = sorted({k[0] for k in results}, key=str)
+    b_vals = sorted({k[1] for k in results}, key=str)
+    out = widgets.Output()
+    a_w = widgets.Dropdown(options=a_vals, description=labels[0])
+    b_w = widgets.SelectionSlider(options=b_vals, description=labels[1])
+
+    def show(*_):
+        with out:
+            out.clear_output(wait=True)
+            key = (a_w.value, b_w.value)
+            if key in results:
+                fig, ax = plt.subplots(figsize=(size, size))
+                ax.imshow(to_uint8(results[key]) if not (isinstance(results[key], np.ndarray) and results[key].ndim == 2)
+                          else results[key])
+                ax.set_title(f"{labels[0]}={key[0]}  {labels[1]}={key[1]}", fontsize=9)
+                ax.axis("off")
+                plt.show()
+            else:
+                print(f"nothing cached for {key}")
+
+    a_w.observe(show, "value")
+    b_w.observe(show, "value")
+    show()
+    return widgets.VBox([widgets.HBox([a_w, b_w]), out])

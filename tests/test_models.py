@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+import torch
+
+from diffnb.models import REGISTRY, load_pipeline, pick_device, pick_dtype, spec, tiny_pipeline
+from tests.conftest import gen
+
+
+def test_unknown_model_lists_known():
+    with pytest.raises(ValueError, match="known:.*sd15"):
+        load_pipeline("sd3")
+    with pytest.raises(TypeError):
+        spec(3)
+    with pytest.raises(ValueError, match="encoder"):
+        load_pipeline("clip")
+
+
+def test_device_dtype_rules():
+    cpu = torch.device("cpu")
+    assert pick_dtype(cpu) == torch.float32
+    assert pick_dtype(torch.device("cuda")) == torch.float16
+    assert pick_dtype(cpu, "bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="float16 does not run on the CPU"):
+        pick_dtype(cpu, torch.float16)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        pick_dtype(cpu, "half-ish")
+    with pytest.raises(TypeError):
+        pick_dtype(cpu, torch.int8)
+    with pytest.raises(TypeError):
+        pick_device(3)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            pick_device("cuda")
+        with pytest.raises(ValueError, match="float16"):
+            load_pipeline("toy", device="cpu", dtype=torch.float16)
+
+
+def test_registry_has_real_hub_ids():
+    assert REGISTRY["sd15"].source == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert REGISTRY["sdxl"].source == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert REGISTRY["sdxl"].family == "sdxl"
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_tiny_pipeline_seeded_is_deterministic(arch):
+    pipe = tiny_pipeline(arch)
+    a = pipe("a cat", num_inference_steps=2, generator=gen(3), output_type="np").images
+    b = pipe("a cat", num_inference_steps=2, generator=gen(3), output_type="np").images
+    c = pipe("a cat", num_inference_steps=2, generator=gen(4), output_type="np").images
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    with pytest.raises(ValueError):
+        tiny_pipeline("sd3")
+
+
+def test_toy_loads_and_is_deterministic():
+    pipe = load_pipeline("toy")
+    a = pipe("a red heart", num_inference_steps=3, generator=gen(1), output_type="np").images
+    b = pipe("a red heart", num_inference_steps=3, generator=gen(1), output_type="np").images
+    assert np.array_equal(a, b)

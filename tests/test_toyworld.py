@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+from transformers import CLIPTokenizer
+
+from diffnb.toyworld import BACKGROUNDS, KEYPOINTS, SHAPES, Obj, Scene, ToyDataset, describe, prompt, random_scene, render
+from diffnb.toyworld.prompts import WORDS, write_word_tokenizer
+
+
+def test_render_ground_truth_is_consistent():
+    r = render(Scene([Obj("heart", "red", "dot", center=(32, 32), radius=18, angle=0.0)], background="striped"))
+    assert r.image.shape == (64, 64, 3) and r.image.dtype == np.uint8
+    assert r.masks.shape == (2, 64, 64)
+    assert not (r.masks[0] & r.masks[1]).any() and (r.masks[0] | r.masks[1]).all()
+    red = r.image[r.masks[0]]
+    assert (np.abs(red.astype(int) - (220, 40, 40)).sum(1) < 30).mean() > 0.6  # mostly the object's colour
+    kp = r.keypoints[0]
+    assert set(kp) == set(KEYPOINTS["heart"]) and all(v for _, _, v in kp.values())
+    assert kp["tip"][1] > kp["left_lobe"][1]  # tip below the lobes when upright (y down)
+    assert kp["left_lobe"][0] < kp["right_lobe"][0]
+
+
+def test_keypoints_follow_rotation():
+    up = render(Scene([Obj("moon", "blue", center=(32, 32), radius=18, angle=0.0)])).keypoints[0]
+    turned = render(Scene([Obj("moon", "blue", center=(32, 32), radius=18, angle=np.pi / 2)])).keypoints[0]
+    # a quarter turn counter-clockwise moves the back (left of centre) to below the centre (y down)
+    assert up["back"][0] < 32 - 10 and turned["back"][1] > 32 + 10
+
+
+def test_occluded_keypoints_are_invisible():
+    a = Obj("triangle", "red", center=(32, 32), radius=18)
+    b = Obj("square", "green", center=(32, 32), radius=30)  # drawn on top, covers everything
+    r = render(Scene([a, b]))
+    assert not any(v for _, _, v in r.keypoints[0].values())
+
+
+def test_dataset_is_deterministic_and_splits_differ():
+    a, b = ToyDataset("train", 5), ToyDataset("train", 5)
+    assert np.array_equal(a[3].image, b[3].image)
+    assert not np.array_equal(a[3].image, ToyDataset("heldout", 5)[3].image)
+    with pytest.raises(ValueError):
+        ToyDataset("test")
+    with pytest.raises(IndexError):
+        a[5]
+
+
+def test_random_scene_fixed_attributes_and_errors():
+    rng = np.random.default_rng(0)
+    s = random_scene(rng, n_objects=1, shape="moon", background="dotted")
+    assert s.objects[0].shape == "moon" and s.background == "dotted"
+    with pytest.raises(ValueError):
+        random_scene(rng, size_of_thing=3)
+    with pytest.raises(ValueError):
+        Scene([Obj("star", "red")])
+    with pytest.raises(ValueError):
+        Scene([])
+
+
+def test_prompts_and_word_tokenizer(tmp_path):
+    s = Scene([Obj("heart", "red"), Obj("moon", "blue")], background="dotted")
+    assert describe(s) == "a red heart and a blue moon on a dotted background"
+    assert prompt("moon") == "a moon" and prompt(color="red") == "a red object"
+    with pytest.raises(ValueError):
+        prompt("star")
+    rng = np.random.default_rng(0)
+    dropped = {describe(s, rng, p_drop_background=0.5) for _ in range(40)}
+    assert len(dropped) == 2
+    tok = CLIPTokenizer.from_pretrained(write_word_tokenizer(tmp_path))
+    for w in WORDS:
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+    ids = tok(describe(s)).input_ids
+    assert len(ids) == 2 + len(describe(s).split())
