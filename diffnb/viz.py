@@ -125,3 +125,27 @@ def browse(results: dict, labels: tuple[str, str] = ("layer", "step"), size: flo
     b_w.observe(show, "value")
     show()
     return widgets.VBox([widgets.HBox([a_w, b_w]), out])
+
+
+def anatomy_figure(rows: list[dict], title: str = "attention layers in execution order"):
+    """Every attention layer as a marker: x = execution order (down, mid, up), y = resolution, colour = kind."""
+    import matplotlib.pyplot as plt
+
+    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    rows = sorted(rows, key=lambda r: (order.get(r["name"].split(".")[0], 3),))  # stable: keeps block order
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(rows)), 3))
+    for i, r in enumerate(rows):
+        ax.scatter(i, r["resolution"], c="tab:blue" if r["kind"] == "self" else "tab:orange", s=40,
+                   marker="o" if r["kind"] == "self" else "s")
+    ax.set_yscale("log", base=2)
+    res = sorted({r["resolution"] for r in rows})
+    ax.set_yticks(res, [f"{v}x{v}" for v in res])
+    ax.set_xticks(range(len(rows)), [r["name"].split(".")[0].replace("_blocks", "").replace("_block", "") for r in rows],
+                  rotation=90, fontsize=7)
+    ax.scatter([], [], c="tab:blue", marker="o", label="self-attention (attn1)")
+    ax.scatter([], [], c="tab:orange", marker="s", label="cross-attention (attn2)")
+    ax.legend(fontsize=8, loc="upper center")
+    ax.set_ylabel("feature map")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
