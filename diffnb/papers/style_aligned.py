@@ -1,0 +1,157 @@
+"""StyleAligned (Hertz et al., CVPR 2024): one style across a batch by sharing self-attention with a reference.
+
+In each self-attention layer every image attends to its own tokens *and* the reference image's keys/values,
+after AdaIN has given its queries and keys the reference's per-channel mean and std over tokens:
+
+    Q̂ᵢ = AdaIN(Qᵢ, Q_r),  K̂ᵢ = AdaIN(Kᵢ, K_r),  out = softmax(Q̂ᵢ [K̂ᵢ ; s·K_r]ᵀ/√d + [0 ; log-shift]) [Vᵢ ; V_r]
+
+The reference is image 0 of each classifier-free-guidance half ([uncond..., cond...]). Its own output is
+unchanged (AdaIN to itself is the identity, duplicated keys do not move a softmax), so the reference looks
+exactly as it would alone. Defaults follow google/style-aligned's `StyleAlignedArgs`.
+
+    with style_aligned(pipe.unet):                 # all self-attention layers, AdaIN on Q and K
+        images = pipe(prompts, guidance_scale=5).images
+"""
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+
+from ..processors import AttentionProcessor, patch_attention
+
+
+@dataclass(frozen=True)
+class StyleAlignedArgs:
+    layers: str | tuple[str, ...] = "self"  # which self-attention layers share (paper: all of them)
+    share_attention: bool = True  # attend to the reference's keys/values too
+    adain_queries: bool = True
+    adain_keys: bool = True
+    adain_values: bool = False
+    shared_score_scale: float = 1.0  # multiplies the reference keys (a temperature on them)
+    shared_score_shift: float = 0.0  # added to the logits of the reference tokens (official transfer: log 2)
+    share_group_norm: bool = True  # GroupNorm statistics over [image; reference] (official parity knob)
+    share_layer_norm: bool = True  # same for LayerNorm; per-token LayerNorm makes it a no-op, kept for parity
+
+    def __post_init__(self):
+        if self.shared_score_scale <= 0:
+            raise ValueError(f"shared_score_scale must be > 0, got {self.shared_score_scale}")
+        if not math.isfinite(self.shared_score_shift):
+            raise ValueError(f"shared_score_shift must be finite, got {self.shared_score_shift}")
+
+
+def expand_reference(x: torch.Tensor, halves: int, scale: float = 1.0) -> torch.Tensor:
+    """Each half's image 0 repeated over its half; `scale` multiplies the copies given to the others."""
+    b = x.shape[0]
+    if b % halves:
+        raise ValueError(f"batch {b} does not split into {halves} classifier-free-guidance halves")
+    n = b // halves
+    ref = x[::n].repeat_interleave(n, dim=0)
+    if scale != 1.0:
+        factor = torch.full((b,) + (1,) * (x.ndim - 1), scale, dtype=x.dtype, device=x.device)
+        factor[::n] = 1.0
+        ref = ref * factor
+    return ref
+
+
+def adain(x: torch.Tensor, halves: int, eps: float = 1e-5) -> torch.Tensor:
+    """Give every image the reference's mean and std over the token axis (per head and channel)."""
+    mean, std = x.mean(dim=-2, keepdim=True), (x.var(dim=-2, keepdim=True) + eps).sqrt()
+    return (x - mean) / std * expand_reference(std, halves) + expand_reference(mean, halves)
+
+
+class SharedAttention(AttentionProcessor):
+    """Self-attention over [own tokens ; reference tokens] with AdaIN toward the reference."""
+
+    def __init__(self, args: StyleAlignedArgs, halves: int = 2):
+        super().__init__()
+        self.args, self.halves = args, halves
+
+    def attend(self, call, q, k, v, mask):
+        a, h = self.args, self.halves
+        if a.adain_queries:
+            q = adain(q, h)
+        if a.adain_keys:
+            k = adain(k, h)
+        if a.adain_values:
+            v = adain(v, h)
+        if a.share_attention:
+            n_own = k.shape[-2]
+            k = torch.cat([k, expand_reference(k, h, a.shared_score_scale)], dim=-2)
+            v = torch.cat([v, expand_reference(v, h)], dim=-2)
+            if a.shared_score_shift:
+                bias = torch.zeros(k.shape[-2], dtype=q.dtype, device=q.device)
+                bias[n_own:] = a.shared_score_shift
+                bias = bias.view(1, 1, 1, -1)
+                mask = bias if mask is None else mask + bias
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _shared_norm_hook(halves: int):
+    """Recompute a norm layer on [x ; reference] along dim -2 (rows of a GroupNorm map, tokens of a
+    LayerNorm) and keep x's part, so the statistics are shared with the reference."""
+    def hook(module, args, output):
+        x = args[0]
+        n = x.shape[-2]
+        return module.forward(torch.cat([x, expand_reference(x, halves)], dim=-2))[..., :n, :]
+    return hook
+
+
+@contextmanager
+def style_aligned(unet, args: StyleAlignedArgs | None = None, cfg: bool = True, **overrides):
+    """Share attention (and norms) with the reference inside the block; the UNet is restored on exit.
+
+    `cfg`: the batch holds [uncond..., cond...] (guidance_scale > 1), so each half has its own reference.
+    `overrides` set fields of `StyleAlignedArgs`, e.g. `style_aligned(unet, adain_queries=False)`.
+    """
+    valid = {f.name for f in fields(StyleAlignedArgs)}
+    if unknown := set(overrides) - valid:
+        raise ValueError(f"unknown StyleAligned options {sorted(unknown)}; allowed: {sorted(valid)}")
+    args = replace(args or StyleAlignedArgs(), **overrides)
+    halves = 2 if cfg else 1
+    layers = (args.layers,) if isinstance(args.layers, str) else tuple(args.layers)
+    proc = SharedAttention(args, halves)
+    with ExitStack() as stack:
+        stack.enter_context(patch_attention(unet, {pattern: proc for pattern in layers}))
+        patched = [n for n, p in unet.attn_processors.items() if isinstance(p, SharedAttention)]
+        if any(n.endswith("attn2.processor") for n in patched):
+            raise ValueError("StyleAligned shares self-attention only; the layer patterns selected cross-attention")
+        norm_types = tuple(t for t, on in ((torch.nn.GroupNorm, args.share_group_norm),
+                                           (torch.nn.LayerNorm, args.share_layer_norm)) if on)
+        if norm_types:
+            hook = _shared_norm_hook(halves)
+            for m in unet.modules():
+                if isinstance(m, norm_types):
+                    stack.enter_context(m.register_forward_hook(hook))
+        yield args
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], reference=None, args: StyleAlignedArgs | None = None,
+             guidance_scale: float = 5.0, generator=None, **kwargs):
+    """Generate `prompts` with StyleAligned; prompts[0] is the reference.
+
+    `reference`: an `Inversion` (diffnb.inversion.ddim_invert) of a given image. Its trajectory replaces
+    image 0's latent at every step, so the batch aligns to that image; prompts[0] should describe it.
+    """
+    if not isinstance(prompts, (list, tuple)) or len(prompts) < 2 or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("StyleAligned needs a list of >= 2 prompts: the reference first, then the others")
+    kwargs.setdefault("output_type", "np")
+    if reference is not None:
+        steps = len(reference.latents) - 1
+        kwargs["num_inference_steps"] = steps
+        shape = reference.noise.shape[1:]
+        noise = torch.randn((len(prompts), *shape), generator=generator, dtype=torch.float32)
+        noise[0] = reference.noise[0].float().cpu()
+        kwargs["latents"] = noise.to(pipe.device, pipe.unet.dtype)
+
+        def pin_reference(p, i, t, cb):  # after step i, image 0 must sit where the inverted path is
+            cb["latents"][0] = reference.at_generation_step(i + 1)[0].to(cb["latents"].dtype)
+            return cb
+        kwargs["callback_on_step_end"] = pin_reference
+        kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
+    with style_aligned(pipe.unet, args, cfg=guidance_scale > 1):
+        return pipe(list(prompts), guidance_scale=guidance_scale, generator=generator, **kwargs).images
