@@ -165,3 +165,28 @@ def tiny_pipeline(arch: str = "sd15", seed: int = 0):
             unet=unet, scheduler=sched, force_zeros_for_empty_prompt=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# Full-size UNet architectures (the hub configs, written out so benchmarks build them with no download).
+UNET_CONFIGS = {
+    "sd15": dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
+    "sdxl": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, norm_num_groups=32),
+}
+
+
+def full_size_unet(arch: str, device="cuda", dtype=torch.float16):
+    """A random-weight UNet with the real SD1.5 / SDXL architecture, for timing (speed ignores weights)."""
+    from diffusers import UNet2DConditionModel
+
+    if arch not in UNET_CONFIGS:
+        raise ValueError(f"unknown architecture {arch!r}; allowed: {sorted(UNET_CONFIGS)}")
+    return UNet2DConditionModel(**UNET_CONFIGS[arch]).to(device, dtype)

@@ -57,3 +57,17 @@ def test_toy_loads_and_is_deterministic():
     a = pipe("a red heart", num_inference_steps=3, generator=gen(1), output_type="np").images
     b = pipe("a red heart", num_inference_steps=3, generator=gen(1), output_type="np").images
     assert np.array_equal(a, b)
+
+
+def test_full_size_configs_match_the_real_architectures():
+    from diffusers import UNet2DConditionModel
+    from diffnb.models import UNET_CONFIGS, full_size_unet
+    with torch.device("meta"):
+        sdxl = UNet2DConditionModel(**UNET_CONFIGS["sdxl"])
+        sd15 = UNet2DConditionModel(**UNET_CONFIGS["sd15"])
+    # parameter counts of the published UNets: SDXL 2.567 B, SD1.5 0.860 B
+    assert abs(sum(p.numel() for p in sdxl.parameters()) / 1e9 - 2.567) < 0.01
+    assert abs(sum(p.numel() for p in sd15.parameters()) / 1e9 - 0.860) < 0.01
+    assert sum(k.endswith("attn1.processor") for k in sdxl.attn_processors) == 70
+    with pytest.raises(ValueError):
+        full_size_unet("sd3")

@@ -89,3 +89,11 @@ def test_reference_from_inversion_pins_image_zero(tiny):
     out = generate(tiny, PROMPTS[:2], reference=inv, generator=gen(1), guidance_scale=1.0, output_type="latent")
     # image 0 ends exactly on the inverted trajectory's x_0
     assert torch.allclose(out[0], inv.latents[0][0], atol=1e-5)
+
+
+def test_whole_half_joins_each_cfg_half():
+    from diffnb.papers.style_aligned import whole_half
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 2, 3, 5)  # image i is filled with i
+    y = whole_half(x, halves=2)
+    assert y.shape == (4, 2, 6, 5)
+    assert y[0, 0, :, 0].tolist() == [0, 0, 0, 1, 1, 1] and y[3, 0, :, 0].tolist() == [2, 2, 2, 3, 3, 3]

@@ -28,6 +28,7 @@ from ..processors import AttentionProcessor, patch_attention
 class StyleAlignedArgs:
     layers: str | tuple[str, ...] = "self"  # which self-attention layers share (paper: all of them)
     share_attention: bool = True  # attend to the reference's keys/values too
+    full_attention_share: bool = False  # ablation: attend to *every* image of the half, not just the reference
     adain_queries: bool = True
     adain_keys: bool = True
     adain_values: bool = False
@@ -57,6 +58,14 @@ def expand_reference(x: torch.Tensor, halves: int, scale: float = 1.0) -> torch.
     return ref
 
 
+def whole_half(x: torch.Tensor, halves: int) -> torch.Tensor:
+    """(B, heads, N, d) -> (B, heads, n·N, d): every image gets the tokens of all n images of its half."""
+    b, heads, tokens, d = x.shape
+    per = b // halves
+    joined = x.view(halves, per, heads, tokens, d).transpose(1, 2).reshape(halves, heads, per * tokens, d)
+    return joined.repeat_interleave(per, dim=0)
+
+
 def adain(x: torch.Tensor, halves: int, eps: float = 1e-5) -> torch.Tensor:
     """Give every image the reference's mean and std over the token axis (per head and channel)."""
     mean, std = x.mean(dim=-2, keepdim=True), (x.var(dim=-2, keepdim=True) + eps).sqrt()
@@ -78,7 +87,9 @@ class SharedAttention(AttentionProcessor):
             k = adain(k, h)
         if a.adain_values:
             v = adain(v, h)
-        if a.share_attention:
+        if a.full_attention_share:  # the paper's naive baseline: one attention over the whole half's tokens
+            k, v = whole_half(k, h), whole_half(v, h)
+        elif a.share_attention:
             n_own = k.shape[-2]
             k = torch.cat([k, expand_reference(k, h, a.shared_score_scale)], dim=-2)
             v = torch.cat([v, expand_reference(v, h)], dim=-2)
@@ -155,3 +166,23 @@ def generate(pipe, prompts: list[str], reference=None, args: StyleAlignedArgs | 
         kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
     with style_aligned(pipe.unet, args, cfg=guidance_scale > 1):
         return pipe(list(prompts), guidance_scale=guidance_scale, generator=generator, **kwargs).images
+
+
+def toy_scores(images, prompt_shapes, probes) -> dict[str, float]:
+    """Probe-measured effect on toy sets. images: (sets, n, H, W, 3) uint8; prompt_shapes: (sets, n) names.
+
+    style agreement: share of non-reference images whose background style equals the reference's;
+    shape accuracy: share of images whose shape is the one their prompt names;
+    content leak: share of non-reference images that took the reference's shape instead of their own.
+    """
+    import numpy as np
+
+    images = np.asarray(images)
+    sets, n = images.shape[:2]
+    pred = probes.predict(images.reshape(sets * n, *images.shape[2:]))
+    bg = np.array(pred["background"]).reshape(sets, n)
+    shape = np.array(pred["shape"]).reshape(sets, n)
+    want = np.array(prompt_shapes)
+    return {"style_agreement": float((bg[:, 1:] == bg[:, :1]).mean()),
+            "shape_accuracy": float((shape == want).mean()),
+            "content_leak": float((shape[:, 1:] == want[:, :1]).mean())}

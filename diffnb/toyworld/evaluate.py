@@ -113,6 +113,73 @@ def samples_figure(pipe, path: Path, **kw):
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
+def loss_figure(csv: Path, path: Path):
+    """Plot the training loss curve (smoothed) from the trainer's loss.csv."""
+    import matplotlib.pyplot as plt
+
+    rows = [line.split(",") for line in csv.read_text().splitlines() if line]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    for ax, stage in zip(axes, ("vae", "unet")):
+        pts = [(int(r[1]), float(r[3])) for r in rows if r[0] == stage]
+        if pts:
+            ax.plot(*zip(*pts))
+        ax.set_title(f"{stage} loss (EMA 0.98)")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+CARD = """# The diffnb toy model
+
+A Stable-Diffusion-shaped text-to-image model of the toy world (`diffnb.toyworld`), trained from scratch on a
+CPU, loaded by `load_pipeline("toy")` through `StableDiffusionPipeline.from_pretrained` like any hub model.
+
+## Data
+Procedural 64×64 renders: one object (80 %) or two (20 %) of {shapes} in {colors}, with an unnamed appearance
+detail ({details}), on a {backgrounds} background (3 pale palettes, random phase); random position, scale,
+rotation. Prompts from the grammar "a <colour> <shape> [and a ...] on a <style> background"; in training the
+shape (15 %), colour (25 %) and background (30 %) are dropped at random and 10 % of prompts are empty
+(classifier-free guidance). Training split: scene seeds `[0, i]`; every evaluation uses the held-out split `[1, i]`.
+
+## Architecture
+- `AutoencoderKL`: (16, 32, 64) channels, 4 latent channels, 64 px -> 16×16 latents, no mid-block attention.
+- `UNet2DConditionModel`: (32, 64, 128) channels, one layer per block, self- and cross-attention at 16×16 and
+  8×8 (down and up) and in the 4×4 mid block; cross-attention dim 64.
+- `CLIPTextModel` (hidden 64, 2 layers) with a word-level `CLIPTokenizer` built from the grammar (16 tokens).
+- `DDIMScheduler`, scaled-linear betas 0.00085-0.012 (SD's), epsilon prediction. Default sampling: 20 steps, guidance 5.
+
+## Training
+`python -m diffnb.toyworld.train` (config in `training_config.json`, loss curve in `loss.png`): VAE
+{vae_steps} steps, then UNet + text encoder {unet_steps} steps at batch {batch} on precomputed latents, AdamW
+lr {lr}, min-SNR-5 weighting, EMA 0.999 (exported). Device: {device}.
+
+## Measured (`python -m diffnb.toyworld.evaluate`, held-out prompts and seeds)
+| metric | value | bar |
+|---|---|---|
+{table}
+
+Probe held-out accuracy (blurred renders): {probe}.
+
+![samples](samples.png)
+"""
+
+
+def write_card(m: dict, out_dir: Path):
+    cfg = json.loads((out_dir / "training_config.json").read_text())["args"]
+    lines = []
+    for k, v in m.items():
+        if isinstance(v, float):
+            bar = BARS.get(k, BARS["diversity"] if k.startswith("diversity") else None)
+            sign = "≤" if k.endswith("seconds") else "≥"
+            lines.append(f"| {k} | {v:.3f} | {'' if bar is None else f'{sign} {bar}'} |")
+    (out_dir / "README.md").write_text(CARD.format(
+        shapes=", ".join(SHAPES), colors=", ".join(COLORS), details=", ".join(HEADS["detail"]),
+        backgrounds="/".join(BACKGROUNDS), vae_steps=cfg["vae_steps"], unet_steps=cfg.get("trained_unet_steps", cfg["unet_steps"]),
+        batch=cfg["batch"], lr=cfg["lr"], device=cfg.get("device", "cpu"), table="\n".join(lines),
+        probe={k: round(v, 3) for k, v in (m["probe_heldout_accuracy"] or {}).items()}))
+
+
 def main(argv=None):
     from ..models import TOY_DIR, load_pipeline
 
@@ -139,6 +206,7 @@ def main(argv=None):
             print(f"{k:24s} {v:8.3f} {'' if bar is None else f'{bar:8.2f}'} {'' if passed else '  BELOW BAR'}")
     a.out.write_text(json.dumps(m, indent=1))
     samples_figure(pipe, a.out.parent / "samples.png")
+    write_card(m, a.out.parent)
     print("all bars met" if ok else "some bars are not met")
     return m
 

@@ -149,6 +149,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, labels, args, device, log
     rng = np.random.default_rng(1000 + start)
     lat_t = torch.from_numpy(latents)
     unet.train(), text_encoder.train()
+    args.trained_unet_steps = max(start, args.unet_steps)  # an export of a later checkpoint keeps its own step
     for step in tqdm(range(start, args.unet_steps), desc="unet", initial=start, total=args.unet_steps):
         idx = rng.integers(len(lat_t), size=args.batch)
         x0 = lat_t[idx].to(device) * args.scaling_factor
@@ -212,6 +213,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer, text_encoder, vae, unet = toy_components(write_word_tokenizer(args.out / "tokenizer"))
     for m in (text_encoder, vae, unet):

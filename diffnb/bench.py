@@ -1,0 +1,47 @@
+"""Time a method against the vanilla pipeline in the same process: warm-up, repeats, medians, a ratio."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, device="cpu", repeats: int = 3, warmup: int = 1) -> dict:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "times_s": times,
+            "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
+
+
+def compare(name: str, vanilla, method, device="cpu", repeats: int = 3, out: Path | None = None, **info) -> dict:
+    """Alternate nothing, keep it simple: vanilla then method, same process, same inputs; report the ratio."""
+    base = measure(vanilla, device, repeats)
+    meth = measure(method, device, repeats)
+    dev = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    result = {"benchmark": name, "device": dev, "vanilla": base, "method": meth,
+              "time_ratio": meth["median_s"] / base["median_s"],
+              "mem_ratio": (meth["peak_mem_mb"] / base["peak_mem_mb"]) if base["peak_mem_mb"] else None, **info}
+    print(f"{name}: vanilla {base['median_s']:.3f} s, method {meth['median_s']:.3f} s, ratio {result['time_ratio']:.2f}x on {dev}")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1))
+    return result
