@@ -97,3 +97,24 @@ def test_whole_half_joins_each_cfg_half():
     y = whole_half(x, halves=2)
     assert y.shape == (4, 2, 6, 5)
     assert y[0, 0, :, 0].tolist() == [0, 0, 0, 1, 1, 1] and y[3, 0, :, 0].tolist() == [2, 2, 2, 3, 3, 3]
+
+
+@pytest.mark.skipif(not __import__("diffnb.models", fromlist=["x"]).toy_is_trained(), reason="toy model not trained")
+def test_style_aligned_aligns_backgrounds_on_toy():
+    from diffnb.models import load_pipeline
+    from diffnb.papers.style_aligned import toy_scores
+    from diffnb.toyworld import prompt
+    from diffnb.toyworld.probes import Probes
+    pipe = load_pipeline("toy", device="cpu")
+    shapes = [["heart", "moon", "triangle", "square"], ["circle", "heart", "square", "moon"],
+              ["triangle", "circle", "moon", "heart"]]
+    sets = [[prompt(s, c) for s, c in zip(row, ["red", "blue", "green", "yellow"])] for row in shapes]
+    van, sa = [], []
+    for i, p in enumerate(sets):
+        van.append(pipe(p, generator=gen(70_000 + i), output_type="np").images)
+        sa.append(generate(pipe, p, generator=gen(70_000 + i)))
+    to8 = lambda x: (np.stack(x) * 255).round().astype(np.uint8)
+    probes = Probes()
+    v, s = toy_scores(to8(van), shapes, probes), toy_scores(to8(sa), shapes, probes)
+    assert s["style_agreement"] >= 0.7 and s["style_agreement"] >= v["style_agreement"] + 0.2
+    assert s["shape_accuracy"] >= 0.8 * v["shape_accuracy"]

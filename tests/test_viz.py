@@ -1,0 +1,53 @@
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+from diffnb.metrics import color_fraction, iou, otsu_mask, psnr
+from diffnb.toyworld.evaluate import normalized_entropy
+from diffnb.viz import anatomy_figure, browse, image_grid, overlay, pca_rgb, to_uint8, token_maps
+
+
+def test_to_uint8_handles_ranges_and_layouts():
+    assert to_uint8(torch.zeros(3, 4, 5)).shape == (4, 5, 3)
+    assert to_uint8(-np.ones((4, 4, 3))).max() == 0 and to_uint8(np.ones((4, 4, 3))).min() == 255
+
+
+def test_pca_rgb_shared_basis():
+    a, b = torch.randn(8, 5, 5), torch.randn(8, 5, 5)
+    out = pca_rgb([a, b])
+    assert len(out) == 2 and out[0].shape == (5, 5, 3)
+    assert min(o.min() for o in out) >= 0 and max(o.max() for o in out) <= 1 + 1e-6
+    with pytest.raises(ValueError):
+        pca_rgb(torch.randn(4, 4))
+
+
+def test_figures_build():
+    img = np.zeros((16, 16, 3), np.uint8)
+    assert image_grid([img, img], ["a", "b"]) is not None
+    with pytest.raises(ValueError):
+        image_grid([img], ["a", "b"])
+    assert overlay(img, np.random.rand(4, 4)).shape == (16, 16, 3)
+    token_maps(img, torch.rand(4, 4, 2), ["x", "y"])
+    with pytest.raises(ValueError):
+        token_maps(img, torch.rand(4, 4, 3), ["x", "y"])
+    rows = [dict(name="down_blocks.0.a.attn1", kind="self", resolution=16),
+            dict(name="up_blocks.0.a.attn2", kind="cross", resolution=8)]
+    anatomy_figure(rows)
+    assert browse({("a", 1): img, ("a", 2): img}) is not None
+
+
+def test_metrics():
+    a = np.zeros((8, 8, 3), np.uint8)
+    assert psnr(a, a) == float("inf") and abs(psnr(a, a + 1) - 48.13) < 0.01
+    m = np.zeros((8, 8), bool)
+    m[:4] = True
+    assert iou(m, m) == 1.0 and iou(m, ~m) == 0.0
+    u = np.random.default_rng(0).random((8, 8))
+    heat = np.where(m, 0.6 + 0.4 * u, 0.4 * u)
+    assert iou(otsu_mask(heat), m) == 1.0
+    assert color_fraction(np.full((2, 2, 3), 200, np.uint8), (200, 200, 200)) == 1.0
+    assert normalized_entropy(["a", "b"] * 5, ["a", "b"]) == pytest.approx(1.0)
+    assert normalized_entropy(["a"] * 10, ["a", "b", "c"]) == 0.0
