@@ -44,10 +44,12 @@ def prompt(shape: str | None = None, color: str | None = None, background: str |
 
 
 def write_word_tokenizer(folder: str | Path, words=WORDS, max_length: int = MAX_TOKENS) -> Path:
-    """Write vocab.json/merges.txt so that `CLIPTokenizer` maps each grammar word to one id, offline.
+    """Write vocab.json/merges.txt for an offline `CLIPTokenizer` over the grammar's words.
 
     CLIP's BPE builds words from characters through ranked merges, so every word gets a chain of merges
-    (r+e -> re, re+d</w> -> red</w>) and every intermediate piece is in the vocabulary.
+    (r+e -> re, re+d</w> -> red</w>) and every intermediate piece is in the vocabulary. Known defect: chains of
+    different words can collide (a lower-ranked merge from another word wins), so a few words take 2-3 tokens;
+    the shipped toy model was trained with this tokenizer (see tests/test_toyworld.py).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
