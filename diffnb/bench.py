@@ -33,7 +33,7 @@ def measure(fn, device="cpu", repeats: int = 3, warmup: int = 1) -> dict:
 
 
 def compare(name: str, vanilla, method, device="cpu", repeats: int = 3, out: Path | None = None, **info) -> dict:
-    """Alternate nothing, keep it simple: vanilla then method, same process, same inputs; report the ratio."""
+    """Time vanilla, then the method, in the same process on the same inputs; report the ratio (and memory on CUDA)."""
     base = measure(vanilla, device, repeats)
     meth = measure(method, device, repeats)
     dev = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -14,7 +14,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 import torch.nn.functional as F
 
-from .layers import resolution, select_many
+from .layers import select_many
 from .processors import AttentionProcessor, RunState, track_steps
 
 
@@ -174,7 +174,3 @@ def token_index(tokenizer, prompt: str, word: str) -> list[int]:
     if not found:
         raise ValueError(f"{word!r} is not in the prompt {prompt!r}")
     return list(range(found[0], found[0] + len(word_ids)))
-
-
-def module_resolutions(unet, names) -> dict[str, int | None]:
-    return {n: resolution(unet, n) for n in names}

@@ -25,7 +25,7 @@ def setup(seed: int = 0, device=None, dtype=None):
     return device, dtype
 
 
-def generator(seed: int, device=None) -> torch.Generator:
+def generator(seed: int) -> torch.Generator:
     """A seeded generator on the CPU (same images on every device type for a given seed)."""
     return torch.Generator("cpu").manual_seed(seed)
 
