@@ -88,8 +88,9 @@ def to_tensor(images: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def save_state(path: Path, step: int, **objs):
-    torch.save({"step": step, **{k: v.state_dict() for k, v in objs.items()}}, path.with_suffix(".tmp"))
+def save_state(path: Path, step: int, extra: dict | None = None, **objs):
+    state = {"step": step, **{k: v.state_dict() for k, v in objs.items()}, **(extra or {})}
+    torch.save(state, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)  # atomic: a stop mid-save never corrupts the checkpoint
 
 
@@ -171,10 +172,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, labels, args, device, log
                 e.lerp_(p.detach(), 1 - decay)
         log("unet", step, loss.item())
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.unet_steps:
-            save_state(ckpt, step + 1, unet=unet, text=text_encoder, opt=opt)
-            state = torch.load(ckpt)
-            state["ema"] = [e.cpu() for e in ema]
-            torch.save(state, ckpt)
+            save_state(ckpt, step + 1, {"ema": [e.cpu() for e in ema]}, unet=unet, text=text_encoder, opt=opt)
     with torch.no_grad():  # export the EMA weights
         for e, p in zip(ema, params):
             p.copy_(e)
