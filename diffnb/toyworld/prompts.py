@@ -43,29 +43,38 @@ def prompt(shape: str | None = None, color: str | None = None, background: str |
     return text + (f" on a {BG_WORD[background]} background" if background else "")
 
 
-def write_word_tokenizer(folder: str | Path, words=WORDS, max_length: int = MAX_TOKENS) -> Path:
-    """Write vocab.json/merges.txt for an offline `CLIPTokenizer` over the grammar's words.
+def _bpe(word: str, ranks: dict) -> list[str]:
+    """CLIP's BPE on one word: repeatedly merge the adjacent pair with the lowest rank."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pair = min(zip(pieces, pieces[1:]), key=lambda p: ranks.get(p, float("inf")))
+        if pair not in ranks:
+            break
+        i = next(i for i in range(len(pieces) - 1) if (pieces[i], pieces[i + 1]) == pair)
+        pieces[i:i + 2] = [pair[0] + pair[1]]
+    return pieces
 
-    CLIP's BPE builds words from characters through ranked merges, so every word gets a chain of merges
-    (r+e -> re, re+d</w> -> red</w>) and every intermediate piece is in the vocabulary. Known defect: chains of
-    different words can collide (a lower-ranked merge from another word wins), so a few words take 2-3 tokens;
-    the shipped toy model was trained with this tokenizer (see tests/test_toyworld.py).
+
+def write_word_tokenizer(folder: str | Path, words=WORDS, max_length: int = MAX_TOKENS) -> Path:
+    """Write vocab.json/merges.txt for an offline `CLIPTokenizer` in which every grammar word is one token.
+
+    CLIP's BPE builds a word from characters through ranked merges, and a merge learnt for one word can fire
+    inside another ("a n" from "and" inside "triangle") and derail a naive chain. So we run the BPE on each
+    word with the merges so far and append a merge of its first two pieces until it is a single token;
+    appended merges rank last and never change how earlier words split.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    merges = []
+    ranks: dict[tuple[str, str], int] = {}
     add = lambda tok: vocab.setdefault(tok, len(vocab))
     for ch in sorted({c for w in words for c in w}):
         add(ch), add(ch + "</w>")
     for w in words:
-        pieces = list(w[:-1]) + [w[-1] + "</w>"]
-        left = pieces[0]
-        for nxt in pieces[1:]:
-            merges.append(f"{left} {nxt}")
-            left = left + nxt
-            add(left)
-    merges = list(dict.fromkeys(merges))
+        while len(pieces := _bpe(w, ranks)) > 1:
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            add(pieces[0] + pieces[1])
+    merges = [f"{a} {b}" for a, b in ranks]
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps({

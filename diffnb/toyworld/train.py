@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -179,6 +180,35 @@ def train_unet(unet, text_encoder, tokenizer, latents, labels, args, device, log
     unet.eval(), text_encoder.eval()
 
 
+def retokenize_checkpoint(ckpt: Path, old_dir: Path, new_dir: Path):
+    """Carry a UNet-stage checkpoint across a tokenizer change instead of retraining from scratch.
+
+    Each new token's embedding row (and its EMA and Adam moments) starts as the mean of the rows of the pieces
+    the old tokenizer split that string into; training then adapts it.
+    """
+    from transformers import CLIPTokenizer
+
+    old, new = CLIPTokenizer.from_pretrained(old_dir), CLIPTokenizer.from_pretrained(new_dir)
+    old_vocab = old.get_vocab()
+    sources = [[old_vocab[tok]] if tok in old_vocab else old(tok.removesuffix("</w>"), add_special_tokens=False).input_ids
+               for tok, _ in sorted(new.get_vocab().items(), key=lambda kv: kv[1])]
+    state = torch.load(ckpt, map_location="cpu")
+    key = next(k for k in state["text"] if k.endswith("token_embedding.weight"))
+    old_shape = state["text"][key].shape
+    remap = lambda rows: torch.stack([rows[ids].mean(0) for ids in sources])
+    state["text"][key] = remap(state["text"][key])
+    ema = [i for i, t in enumerate(state["ema"]) if t.shape == old_shape]
+    moments = [s for s in state["opt"]["state"].values() if s["exp_avg"].shape == old_shape]
+    if len(ema) != 1 or len(moments) != 1:
+        raise ValueError(f"cannot find the unique token embedding of shape {tuple(old_shape)} in {ckpt}")
+    state["ema"][ema[0]] = remap(state["ema"][ema[0]])
+    for name in ("exp_avg", "exp_avg_sq"):
+        moments[0][name] = remap(moments[0][name])
+    torch.save(state, ckpt.with_suffix(".tmp"))
+    ckpt.with_suffix(".tmp").replace(ckpt)
+    print(f"retokenized {ckpt}: vocabulary {old_shape[0]} -> {len(sources)}")
+
+
 def export(tokenizer, text_encoder, vae, unet, args):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -213,7 +243,15 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.device = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     args.out.mkdir(parents=True, exist_ok=True)
-    tokenizer, text_encoder, vae, unet = toy_components(write_word_tokenizer(args.out / "tokenizer"))
+    tok_dir, fresh = args.out / "tokenizer", write_word_tokenizer(args.out / "tokenizer.new")
+    if tok_dir.exists() and (tok_dir / "vocab.json").read_text() != (fresh / "vocab.json").read_text():
+        if (args.out / "unet.pt").exists():
+            retokenize_checkpoint(args.out / "unet.pt", tok_dir, fresh)
+        shutil.rmtree(tok_dir)
+    if not tok_dir.exists():
+        fresh.rename(tok_dir)
+    shutil.rmtree(fresh, ignore_errors=True)
+    tokenizer, text_encoder, vae, unet = toy_components(tok_dir)
     for m in (text_encoder, vae, unet):
         m.to(device)
     log_file = open(args.out / "loss.csv", "a")
