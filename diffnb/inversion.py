@@ -43,7 +43,7 @@ def to_tensor_image(image, size: int | None = None) -> torch.Tensor:
         image = image.convert("RGB")
         if size:
             image = image.resize((size, size), Image.BICUBIC)
-        image = np.asarray(image)
+        image = np.array(image)  # a writable copy for torch.from_numpy
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise TypeError(f"numpy images must be uint8 HWC, got {image.dtype}")
@@ -65,11 +65,15 @@ def encode_image(pipe, image) -> torch.Tensor:
     return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
 
 
+def from_tensor_image(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) float in [-1, 1] -> uint8 (B, H, W, 3): the inverse of `to_tensor_image`."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 @torch.no_grad()
 def decode_latents(pipe, latents: torch.Tensor) -> np.ndarray:
     """Scaled latents -> uint8 images (B, H, W, 3)."""
-    x = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return from_tensor_image(pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample)
 
 
 def unet_conditioning(pipe, prompt, batch: int, guidance_scale: float, height: int, width: int) -> dict:
