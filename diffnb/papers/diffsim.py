@@ -15,6 +15,7 @@ The paper: shallow layers / high t score style, deep layers / low t score conten
 """
 from __future__ import annotations
 
+import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -153,6 +154,35 @@ def diffsim(pipe, images_a, images_b, layer: str, timestep: int, **kwargs) -> to
     """DiffSim-S at one setting (a layer pattern, averaged over the layers it matches): (n_pairs,) scores."""
     scores = diffsim_sweep(pipe, images_a, images_b, layers=layer, timesteps=(timestep,), **kwargs).aas
     return torch.stack(list(scores.values())).mean(0)
+
+
+@torch.no_grad()
+def pair_qkv(pipe, image_a, image_b, layer: str, timestep: int, seed: int = 0):
+    """The q, k, v one self-attention layer computes for the pair [A, B] (as DiffSim-S sees them, without CFG):
+    three (2, heads, tokens, d) tensors, for looking inside the score (notebook 05)."""
+    a, b = _check_images(image_a, image_b)
+    names = select(attention_names(pipe.unet), layer, pipe.unet)
+    if len(names) != 1:
+        raise ValueError(f"pair_qkv needs exactly one layer; {layer!r} matches {len(names)}: {names[:3]}")
+    name = names[0]
+    t = _check_timestep(pipe, timestep)
+    x0 = torch.cat([encode_image(pipe, a[:1]), encode_image(pipe, b[:1])])
+    size = x0.shape[-1] * pipe.vae_scale_factor
+    cond = unet_conditioning(pipe, "", 2, 1.0, size, size)
+    with capture(pipe.unet, [f"{name}.to_{c}" for c in "qkv"], offload=None) as cache:
+        pipe.unet(_noised_pair(pipe, x0, t, seed, 1.0), t, **cond)
+    heads = pipe.unet.get_submodule(name).heads
+    return tuple(cache.get(f"{name}.to_{c}").unflatten(-1, (heads, -1)).transpose(1, 2).float() for c in "qkv")
+
+
+def aas_map(q, k, v) -> np.ndarray:
+    """Per-token AAS(A, B) on A's token grid: where A's reading of B agrees with its reading of itself.
+    q, k, v: (2, heads, tokens, d) for [A, B] (from `pair_qkv`); returns a (side, side) float array."""
+    own = F.scaled_dot_product_attention(q[:1], k[:1], v[:1])
+    aligned = F.scaled_dot_product_attention(q[:1], k[1:], v[1:])
+    per_token = F.cosine_similarity(own[0].transpose(0, 1).flatten(1), aligned[0].transpose(0, 1).flatten(1), dim=1)
+    side = math.isqrt(per_token.numel())
+    return per_token.reshape(side, side).cpu().numpy()
 
 
 def two_afc(sim_positive, sim_negative) -> float:
@@ -384,13 +414,17 @@ def vit_aas(model, images_a, images_b, layer: str, image_processor=None, size: i
 def toy_triplets(kind: str, n: int, split: str = "heldout", seed: int = 0):
     """(reference, positive, negative) uint8 image stacks of shape (n, 64, 64, 3) with known answers.
 
-    style:   positive has the reference's background pattern and another object; negative shows the
-             reference's object (shape and colour) on another background, so content points the wrong way.
-    content: positive is the reference's object (shape, colour, detail) in a new pose, negative another object;
-             all three share the background pattern (style held fixed, as content benchmarks hold the context).
-    shape:   as content, but every colour is drawn independently: only the shape class tells them apart.
-    Poses, sizes, background tones and phases are always drawn independently: nothing matches pixel by pixel.
+    The negative is always an edit of the reference scene (same layout, one attribute changed), so it is the
+    closer image pixel by pixel; the positive shares the attribute under test but is laid out anew.
+    style:   positive = the reference's background pattern behind another object; negative = the reference
+             itself with another background pattern (its content points the wrong way).
+    content: positive = the reference's object (shape, colour, detail) in a new pose on a new background of the
+             same pattern; negative = the reference with another object (shape and colour) in the same pose.
+    shape:   as content, but the positive's colour is drawn anew and the negative keeps the reference's colour:
+             only the shape class tells them apart.
     """
+    from dataclasses import replace
+
     from ..toyworld.data import scene_rng
     from ..toyworld.world import BACKGROUNDS, COLORS, DETAILS, SHAPES, random_scene, render
 
@@ -401,14 +435,15 @@ def toy_triplets(kind: str, n: int, split: str = "heldout", seed: int = 0):
     for i in range(n):
         rng = scene_rng(split, 10_000 * (1 + seed) + i)
         pick = lambda values, k: [str(v) for v in rng.choice(values, k, replace=False)]
-        (s0, s1), (c0, c1), (b0, b1, b2), d0 = pick(SHAPES, 2), pick(list(COLORS), 2), pick(BACKGROUNDS, 3), pick(DETAILS, 1)[0]
-        ref = dict(shape=s0, color=c0, detail=d0, background=b0)
-        pos, neg = {
-            "style": (dict(shape=s1, color=c1, background=b0), dict(ref, background=b1)),
-            "content": (ref, dict(shape=s1, color=c1, background=b0)),
-            "shape": (dict(shape=s0, background=b0), dict(shape=s1, background=b0)),
-        }[kind]
-        if kind == "shape":
-            ref = dict(shape=s0, background=b0)
-        out.append([render(random_scene(rng, n_objects=1, **s)).image for s in (ref, pos, neg)])
+        (s0, s1), (c0, c1), (b0, b1), d0 = pick(SHAPES, 2), pick(list(COLORS), 2), pick(BACKGROUNDS, 2), pick(DETAILS, 1)[0]
+        ref = random_scene(rng, n_objects=1, shape=s0, color=c0, detail=d0, background=b0)
+        obj = ref.objects[0]
+        if kind == "style":
+            pos = random_scene(rng, n_objects=1, shape=s1, color=c1, background=b0)
+            neg = replace(ref, background=b1)
+        else:
+            pos = random_scene(rng, n_objects=1, shape=s0, background=b0,
+                               **(dict(color=c0, detail=d0) if kind == "content" else {}))
+            neg = replace(ref, objects=[replace(obj, shape=s1, color=c1 if kind == "content" else c0)])
+        out.append([render(s).image for s in (ref, pos, neg)])
     return tuple(np.stack(x) for x in zip(*out))
