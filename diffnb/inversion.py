@@ -105,8 +105,13 @@ def predict_noise(pipe, latents, t, cond: dict, guidance_scale: float) -> torch.
 
 @torch.no_grad()
 def ddim_invert(pipe, image=None, prompt: str | list[str] = "", num_inference_steps: int = 50,
-                guidance_scale: float = 1.0, latents: torch.Tensor | None = None, progress: bool = True) -> Inversion:
-    """Invert images (or given clean latents) along the DDIM trajectory the pipeline's sampler would use."""
+                guidance_scale: float = 1.0, latents: torch.Tensor | None = None, progress: bool = True,
+                stop_at: int | None = None) -> Inversion:
+    """Invert images (or given clean latents) along the DDIM trajectory the pipeline's sampler would use.
+
+    `stop_at` ends the inversion once it reaches that timestep (methods that start denoising mid-way, such as
+    EmerDiff at t_m, need no more); `latents[-1]` is then the latent at `timesteps[-1]`.
+    """
     from diffusers import DDIMInverseScheduler
 
     if (image is None) == (latents is None):
@@ -126,6 +131,8 @@ def ddim_invert(pipe, image=None, prompt: str | list[str] = "", num_inference_st
         x = inverse.step(eps, t, x).prev_sample
         trajectory.append(x)
         reached.append(int(t))
+        if stop_at is not None and int(t) >= stop_at:
+            break
     return Inversion(trajectory, reached, prompt, guidance_scale)
 
 
