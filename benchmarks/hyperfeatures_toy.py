@@ -1,0 +1,110 @@
+"""Diffusion Hyperfeatures on the toy model: does the learned aggregation beat single layers? (CPU, one thread)
+
+Toy keypoint pairs (heart / triangle, different rotation, scale, colour, background); features of every decoder
+resnet along a DDIM inversion; the aggregator trains on the train pairs (their 2-4 named keypoints plus
+`--extra-points` matched object points, see `toy_pairs`) within a time budget; PCK@0.1 (bbox) on the named keypoints of
+held-out pairs for hyperfeatures and the paper's baselines (best single layer chosen on the train pairs, concat-all,
+one timestep) plus a colour-patch baseline.
+
+    python benchmarks/hyperfeatures_toy.py     # -> benchmarks/results/hyperfeatures_toy.json
+"""
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from diffnb.models import load_pipeline
+from diffnb.papers import hyperfeatures as hf
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def train(data, args, seconds):
+    torch.manual_seed(args.seed)
+    net = hf.AggregationNetwork.for_features(data.features, projection_dim=args.projection_dim,
+                                             output_size=args.output_size)
+    losses = hf.train_aggregator(net, data, steps=100_000, lr=args.lr, batch_pairs=args.batch_pairs,
+                                 max_seconds=seconds, seed=args.seed)
+    return net, losses
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--train", type=int, default=40)
+    p.add_argument("--test", type=int, default=40)
+    p.add_argument("--inversion-steps", type=int, default=20)
+    p.add_argument("--saved-steps", type=int, default=5, help="evenly spaced, both ends")
+    p.add_argument("--steps", default="", help="explicit saved step indices, e.g. 0,5,10 (overrides --saved-steps)")
+    p.add_argument("--extra-points", type=int, default=32, help="matched object points added to training pairs")
+    p.add_argument("--projection-dim", type=int, default=64)
+    p.add_argument("--output-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-pairs", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=60.0, help="training budget of the full aggregator")
+    p.add_argument("--max-angle", type=float, default=0.785, help="rotation of each image, +- radians")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default="", help="torch.save the extracted features here / reuse them")
+    p.add_argument("--out", default="hyperfeatures_toy.json", help="file name under benchmarks/results")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    t0 = time.perf_counter()
+    train_pairs = hf.toy_pairs(a.train, "train", seed=a.seed, max_angle=a.max_angle)
+    test_pairs = hf.toy_pairs(a.test, "heldout", seed=a.seed, max_angle=a.max_angle)
+    steps = hf.spaced_steps(a.inversion_steps, a.saved_steps)
+    dense_pairs = hf.toy_pairs(a.train, "train", seed=a.seed, max_angle=a.max_angle, extra_points=a.extra_points)
+    if a.cache and Path(a.cache).exists():
+        tr_f, te_f = torch.load(a.cache, weights_only=False)
+    else:
+        pipe = load_pipeline("toy", device="cpu")
+        kw = dict(num_inference_steps=a.inversion_steps, steps=steps, batch_size=16)
+        tr_f = hf.pair_features(pipe, train_pairs, **kw).features
+        te_f = hf.pair_features(pipe, test_pairs, **kw).features
+        if a.cache:
+            torch.save((tr_f, te_f), a.cache)
+    if a.steps:
+        steps = [int(x) for x in a.steps.split(",")]
+        tr_f, te_f = tr_f.select(steps=steps), te_f.select(steps=steps)
+    tr, te = hf.PairFeatures(train_pairs, tr_f), hf.PairFeatures(test_pairs, te_f)
+    dense = hf.PairFeatures(dense_pairs, tr_f)  # same images, more matched points: training only
+    t_extract = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    net, losses = train(dense, a, a.seconds)
+    t_train = time.perf_counter() - t1
+    res = {"hyperfeatures": hf.evaluate(hf.describe(net, te.features), test_pairs),
+           "hyperfeatures_train": hf.evaluate(hf.describe(net, tr.features), train_pairs)}
+
+    sweep = hf.sweep_layers(tr)
+    layer, step = max(sweep, key=sweep.get)
+    res["best_single_layer"] = {**hf.evaluate(hf.layer_descriptors(te.features, layer, step), test_pairs),
+                                "layer": layer, "step": step, "train_pck_bbox": sweep[(layer, step)]}
+    res["concat_all"] = hf.evaluate(hf.concat_descriptors(te.features), test_pairs)
+    one = hf.PairFeatures(dense_pairs, tr.features.select(steps=[steps[0]]))
+    net1, _ = train(one, a, a.seconds)  # the paper's one-step model, same budget
+    res["one_timestep"] = {**hf.evaluate(hf.describe(net1, te.features.select(steps=[steps[0]])), test_pairs),
+                           "step": steps[0]}
+    res["pixel"] = hf.evaluate(hf.pixel_descriptors(hf.pair_images(test_pairs)), test_pairs)
+
+    w = net.mixing_weights().detach()
+    report = {"settings": vars(a), "saved_steps": steps, "timesteps": tr.features.timesteps,
+              "layers": tr.features.layers, "results": res, "mixing_weights": w.tolist(),
+              "train_steps": len(losses), "loss_first_50": sum(losses[:50]) / 50, "loss_last_50": sum(losses[-50:]) / 50,
+              "seconds": {"extract": t_extract, "train": t_train, "total": time.perf_counter() - t0}}
+    print(f"PCK@0.1 (bbox) on {a.test} held-out pairs ({res['hyperfeatures']['n']} keypoints):")
+    for k in ("hyperfeatures", "best_single_layer", "concat_all", "one_timestep", "pixel"):
+        print(f"  {k:18s} {100 * res[k]['pck_bbox']:5.1f}   (img: {100 * res[k]['pck_img']:5.1f})")
+    print(f"  best single layer: {layer} at step {step} (train {100 * sweep[(layer, step)]:.1f})")
+    print(f"  train pairs, hyperfeatures: {100 * res['hyperfeatures_train']['pck_bbox']:.1f}")
+    print(f"loss {report['loss_first_50']:.3f} -> {report['loss_last_50']:.3f} in {len(losses)} steps; "
+          f"times {json.dumps({k: round(v, 1) for k, v in report['seconds'].items()})}")
+    print("mixing weights (steps x layers):\n", w.numpy().round(3))
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / a.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
