@@ -376,11 +376,11 @@ def toy_pairs(n: int, split: str = "train", seed: int = 0, classes=("heart", "tr
               max_angle: float = math.pi / 4, min_keypoints: int = 2, extra_points: int = 0) -> list[Pair]:
     """Pairs of toy renders of one keypoint class with different pose (rotation within +-max_angle each),
     scale, position, colour and background; the keypoints visible in both, matched by name; boxes from masks.
-    "moon" is not a default: the renderer marks its horns never visible, leaving one keypoint (min_keypoints=1).
+    `classes` may be any of the renderer's keypoint classes (heart, moon, triangle).
     `extra_points` adds that many random matched object points ("p0", ...; same images): with 3-4 keypoints a
     pair's cross-entropy saturates long before the descriptors localise, so training pairs may want more."""
     from ..toyworld.data import SPLITS, scene_rng
-    from ..toyworld.world import BACKGROUNDS, COLORS, KEYPOINTS, _inside, _to_pixels, random_scene, render
+    from ..toyworld.world import BACKGROUNDS, COLORS, KEYPOINTS, inside_shape, random_scene, render, to_pixels
 
     scene_rng(split, 0)  # validates the split name
     if bad := [c for c in classes if c not in KEYPOINTS]:
@@ -401,8 +401,8 @@ def toy_pairs(n: int, split: str = "train", seed: int = 0, classes=("heart", "tr
         kps = [np.array([r[j].keypoints[0][k][:2] for k in names]) for j in (0, 1)]
         if extra_points:  # object-frame points mapped through both poses, kept where both renders show the object
             uv = np.random.default_rng([SPLITS[split], 7919, seed, i, 1]).uniform(-1, 1, (40 * extra_points, 2))
-            uv = uv[_inside(shape, uv[:, 0], uv[:, 1])]
-            xy = [np.stack(_to_pixels(r[j].scene.objects[0], uv[:, 0], uv[:, 1]), 1) for j in (0, 1)]
+            uv = uv[inside_shape(shape, uv[:, 0], uv[:, 1])]
+            xy = [np.stack(to_pixels(r[j].scene.objects[0], uv[:, 0], uv[:, 1]), 1) for j in (0, 1)]
             ok = np.ones(len(uv), bool)
             for j in (0, 1):
                 c, side = np.floor(xy[j]).astype(int), r[j].image.shape[0]

@@ -29,7 +29,7 @@ DETAILS = ("none", "dot", "band")
 # Semantic keypoints in the shape's local frame (unit radius, y up), per class.
 KEYPOINTS = {
     "heart": {"tip": (0.0, -0.95), "left_lobe": (-0.5, 0.62), "right_lobe": (0.5, 0.62), "notch": (0.0, 0.3)},
-    "moon": {"upper_horn": (0.42, 0.78), "lower_horn": (0.42, -0.78), "back": (-0.95, 0.0)},
+    "moon": {"upper_horn": (0.29, 0.92), "lower_horn": (0.29, -0.92), "back": (-0.95, 0.0)},  # inside the horns after the pull
     "triangle": {"apex": (0.0, 0.9), "base_left": (-0.72, -0.62), "base_right": (0.72, -0.62)},
 }
 IMAGE_SIZE = 64
@@ -76,7 +76,7 @@ class Render:
     scene: Scene | None = None
 
 
-def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+def inside_shape(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Point-in-shape test in the local frame (unit radius, y up)."""
     if shape == "circle":
         return u**2 + v**2 <= 0.85**2
@@ -129,7 +129,7 @@ def _to_local(obj: Obj, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nd
     return c * dx - s * dy, s * dx + c * dy
 
 
-def _to_pixels(obj: Obj, u: float, v: float) -> tuple[float, float]:
+def to_pixels(obj: Obj, u: float, v: float) -> tuple[float, float]:
     c, s = np.cos(obj.angle), np.sin(obj.angle)
     du, dv = c * u - s * v, s * u + c * v
     return obj.center[0] + du * obj.radius, obj.center[1] - dv * obj.radius
@@ -144,7 +144,7 @@ def render(scene: Scene) -> Render:
     owner = np.full(x.shape, len(scene.objects), dtype=np.int16)  # background index = n_objects
     for i, obj in enumerate(scene.objects):  # later objects are drawn on top
         u, v = _to_local(obj, x, y)
-        inside = _inside(obj.shape, u, v)
+        inside = inside_shape(obj.shape, u, v)
         colour = np.array(COLORS[obj.color], dtype=np.float32)
         mark = inside & _detail(obj.detail, u, v, obj.shape)
         img[inside] = colour
@@ -157,7 +157,7 @@ def render(scene: Scene) -> Render:
     for i, obj in enumerate(scene.objects):
         kps = {}
         for name, (u, v) in KEYPOINTS.get(obj.shape, {}).items():
-            px, py = _to_pixels(obj, u * 0.85, v * 0.85)  # pull slightly inside the silhouette
+            px, py = to_pixels(obj, u * 0.85, v * 0.85)  # pull slightly inside the silhouette
             col, row = int(np.floor(px)), int(np.floor(py))
             visible = 0 <= col < n and 0 <= row < n and owner_px[row, col] == i
             kps[name] = (float(px), float(py), bool(visible))
