@@ -33,9 +33,20 @@ def measure(fn, device="cpu", repeats: int = 3, warmup: int = 1) -> dict:
 
 
 def compare(name: str, vanilla, method, device="cpu", repeats: int = 3, out: Path | None = None, **info) -> dict:
-    """Time vanilla, then the method, in the same process on the same inputs; report the ratio (and memory on CUDA)."""
-    base = measure(vanilla, device, repeats)
-    meth = measure(method, device, repeats)
+    """Time vanilla and the method in the same process on the same inputs, interleaved (v, m, v, m, ...) so that
+    drift of a noisy machine hits both alike; report the ratio of medians (and peak memory on CUDA)."""
+    base = {"times_s": [], "peak_mem_mb": None}
+    meth = {"times_s": [], "peak_mem_mb": None}
+    for fn in (vanilla, method):  # warm-up: first-call costs (allocations, kernels) are not the method's
+        fn()
+    for _ in range(repeats):
+        for fn, rec in ((vanilla, base), (method, meth)):
+            one = measure(fn, device, repeats=1, warmup=0)
+            rec["times_s"] += one["times_s"]
+            if one["peak_mem_mb"] is not None:
+                rec["peak_mem_mb"] = max(rec["peak_mem_mb"] or 0.0, one["peak_mem_mb"])
+    for rec in (base, meth):
+        rec["median_s"] = statistics.median(rec["times_s"])
     dev = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     result = {"benchmark": name, "device": dev, "vanilla": base, "method": meth,
               "time_ratio": meth["median_s"] / base["median_s"],
