@@ -65,12 +65,16 @@ def diversity(pipe, probes: Probes, n: int = 100, **kw) -> dict[str, float]:
 
 
 @torch.no_grad()
-def attention_iou(pipe, n: int = 50, timesteps=(200, 400, 600)) -> float:
-    """Mean IoU between the Otsu-thresholded cross-attention map of the shape word and the object's mask.
+def attention_iou(pipe, n: int = 50, timesteps=(50, 150), resolution: int | None = 16, word: str = "shape") -> float:
+    """Mean IoU between the Otsu-thresholded cross-attention map of the object's word and the object's mask.
 
-    Held-out renders are encoded, noised to a few timesteps and denoised once with their prompt; the shape
-    token's map is averaged over layers, heads and those timesteps (as DAAM does on real images).
+    Held-out renders are encoded, noised to a few timesteps and denoised once with their prompt; the word's map
+    is averaged over the layers at `resolution` (None: all, upsampled), heads and those timesteps (as DAAM does
+    on real images). `word`: "shape" (the noun) or "color". The toy's 8x8 maps are too coarse for a 64 px mask:
+    averaging them in (resolution=None, timesteps 200/400/600, the first protocol) gives lower IoU.
     """
+    if word not in ("shape", "color"):
+        raise ValueError(f"word must be 'shape' or 'color', got {word!r}")
     ds = ToyDataset("heldout", n, n_objects=1)
     scores = []
     for i in tqdm(range(n), desc="attention IoU", leave=False):
@@ -85,8 +89,8 @@ def attention_iou(pipe, n: int = 50, timesteps=(200, 400, 600)) -> float:
                 noise = torch.randn(x0.shape, generator=gen).to(x0)
                 xt = pipe.scheduler.add_noise(x0, noise, torch.tensor([t]))
                 pipe.unet(xt, t, **cond)
-        idx = token_index(pipe.tokenizer, text, r.scene.objects[0].shape)[0]
-        heat = store.maps(size=r.image.shape[0])[0, ..., idx]
+        idx = token_index(pipe.tokenizer, text, getattr(r.scene.objects[0], word))[0]
+        heat = store.maps(resolution=resolution, size=r.image.shape[0])[0, ..., idx]
         scores.append(iou(otsu_mask(heat), r.masks[0]))
     return float(np.mean(scores))
 
@@ -148,7 +152,8 @@ shape (15 %), colour (25 %) and background (30 %) are dropped at random and 10 %
 - `AutoencoderKL`: (16, 32, 64) channels, 4 latent channels, 64 px -> 16×16 latents, no mid-block attention.
 - `UNet2DConditionModel`: (32, 64, 128) channels, one layer per block, self- and cross-attention at 16×16 and
   8×8 (down and up) and in the 4×4 mid block; cross-attention dim 64.
-- `CLIPTextModel` (hidden 64, 2 layers) with a word-level `CLIPTokenizer` built from the grammar (16 tokens).
+- `CLIPTextModel` (hidden 64, 2 layers) with a word-level `CLIPTokenizer` built from the grammar (16 tokens, every
+  word one token; checkpoints before step 4,500 used a tokenizer that split "triangle" and "purple" into pieces).
 - `DDIMScheduler`, scaled-linear betas 0.00085-0.012 (SD's), epsilon prediction. Default sampling: 20 steps, guidance 5.
 
 ## Training
@@ -162,6 +167,8 @@ lr {lr}, min-SNR-5 weighting, EMA 0.999 (exported). Device: {device}.
 {table}
 
 Probe held-out accuracy (blurred renders): {probe}.
+`attention_iou`: the shape word's cross-attention at the 16×16 layers, t ∈ {{50, 150}}, Otsu vs the object mask
+(`_color`: the colour word; `_all_resolutions`: 16×16 and 8×8 averaged at t ∈ {{200, 400, 600}}, the first protocol).
 
 ![samples](samples.png)
 """
@@ -195,7 +202,9 @@ def main(argv=None):
     pipe.set_progress_bar_config(disable=True)
     probes = Probes()
     m = {**speed(), **fidelity(pipe, probes, a.n_fidelity), **diversity(pipe, probes, a.n_diversity),
-         "attention_iou": attention_iou(pipe, a.n_iou), "probe_heldout_accuracy": probes.heldout_accuracy,
+         "attention_iou": attention_iou(pipe, a.n_iou), "attention_iou_color": attention_iou(pipe, a.n_iou, word="color"),
+         "attention_iou_all_resolutions": attention_iou(pipe, a.n_iou, (200, 400, 600), resolution=None),
+         "probe_heldout_accuracy": probes.heldout_accuracy,
          "n_fidelity": a.n_fidelity, "n_diversity": a.n_diversity, "n_iou": a.n_iou,
          "sampler": {"steps": 20, "guidance": 5.0, "scheduler": "DDIM"}, "device": "cpu"}
     print(f"{'metric':24s} {'value':>8s} {'bar':>8s}")
