@@ -1,0 +1,412 @@
+"""ConsiStory (Tewel et al., SIGGRAPH 2024): one subject kept consistent across a batch of prompts, training-free.
+
+Re-implemented from the paper (the official code's licence is non-commercial; nothing is copied from it):
+  1. subject masks: the subject words' cross-attention, averaged over layers and the steps so far, Otsu-thresholded,
+     recomputed at every step;
+  2. subject-driven self-attention (SDSA): image i attends to its own tokens plus the subject tokens of the
+     anchors, A_i = softmax(Q_i [K_i ; K_anchors]ᵀ/√d + log M_i⁺), with dropout on the shared tokens and the
+     early-step queries mixed with those of a vanilla pass, Q* = v_t Q_vanilla + (1 - v_t) Q_SDSA;
+  3. feature injection: a second pass blends anchors' self-attention outputs into each image at positions matched
+     by DIFT features (cosine nearest neighbours inside the subject masks): x̂ = (1 - α) x + α x_src;
+  4. anchors: only the first `n_anchors` images are shared; their kept keys/values (and outputs) can be cached
+     and reused to generate new prompts against the same subject without regenerating the anchors.
+
+    out = generate(pipe, prompts, ["dog"], ConsiStoryArgs(), seeds=[0, 1, 2, 3])
+    out.images, out.masks[16]          # (n, H, W, 3) floats; (n, 16, 16) bool subject masks
+"""
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..hooks import CrossAttentionStore, capture, token_index
+from ..layers import resolution, select_many
+from ..metrics import otsu_mask
+from ..processors import AttentionProcessor, RunState, attention_names, patch_attention, track_steps
+
+
+@dataclass(frozen=True)
+class ConsiStoryArgs:
+    sdsa: bool = True
+    share_layers: str | tuple[str, ...] = "up.*.attn1"  # official: self-attention of the up blocks only
+    n_anchors: int | None = 2  # images 0..n-1 of each CFG half are shared; None: every image shares
+    sdsa_start: int = 1  # first step with SDSA (official t_range (1, n_steps)); step 0 has no masks yet
+    mask_resolutions: tuple[int, ...] | None = None  # cross-attention maps used (official 32 on SDXL); None: all
+    mask_window: int = 20  # average the last this many steps' maps (official x[-20:])
+    mask_dropout: float = 0.5  # share of subject tokens hidden from others per step (official 0.5)
+    dropout_seed: int = 0
+    query_mix_fraction: float = 0.1  # vanilla-query mixing on steps 0..n_steps*fraction (official n_steps//10)
+    query_mix_strength: tuple[float, float] = (0.9, 0.81836735)  # v_t, linear over those steps (official)
+    inject: bool = False  # feature injection (a second full pass)
+    inject_layers: str | tuple[str, ...] | None = None  # None: self-attention at the highest resolution (official)
+    inject_alpha: float = 0.8
+    inject_fraction: tuple[float, float] = (0.1, 1 / 3)  # steps n//10 .. n//3 (official (n//10, n//3, 0.8))
+    dift_layer: str = "up_blocks.1"  # DIFT feature (official SDXL: up_blocks.0 output; DIFT on SD: index 1)
+    dift_timestep: int = 261
+    dift_threshold: float | None = None  # cosine-distance cut; None: Otsu over the distances (official 'dynamic')
+
+    def __post_init__(self):
+        if not 0 <= self.mask_dropout < 1:
+            raise ValueError(f"mask_dropout must be in [0, 1), got {self.mask_dropout}")
+        if self.n_anchors is not None and (not isinstance(self.n_anchors, int) or self.n_anchors < 1):
+            raise ValueError(f"n_anchors must be None or an int >= 1, got {self.n_anchors!r}")
+        if not 0 <= self.inject_alpha <= 1:
+            raise ValueError(f"inject_alpha must be in [0, 1], got {self.inject_alpha}")
+        if self.mask_window < 1:
+            raise ValueError(f"mask_window must be >= 1, got {self.mask_window}")
+
+
+ABLATIONS = {  # the paper's ablation ladder
+    "vanilla": ConsiStoryArgs(sdsa=False, mask_dropout=0.0, query_mix_fraction=0.0),
+    "sdsa": ConsiStoryArgs(mask_dropout=0.0, query_mix_fraction=0.0),
+    "sdsa+diversity": ConsiStoryArgs(),
+    "full": ConsiStoryArgs(inject=True),
+}
+
+
+@dataclass
+class AnchorCache:
+    """What new prompts need from the anchors: kept subject keys/values and injected outputs per
+    (pass, layer, step), their DIFT features and final masks. Tensors stay on the model's device."""
+    n_anchors: int
+    n_steps: int
+    halves: int
+    args: ConsiStoryArgs
+    kv: dict = field(default_factory=dict)
+    out: dict = field(default_factory=dict)
+    dift: torch.Tensor | None = None  # (n_anchors, C, s, s)
+    masks: dict = field(default_factory=dict)  # resolution -> (n_anchors, r*r) bool, end of pass 1
+    images: np.ndarray | None = None
+
+
+@dataclass
+class ConsiStoryOutput:
+    images: np.ndarray
+    masks: dict  # resolution -> (n, r, r) bool, at the end of generation
+    masks_per_step: list  # (n, R, R) bool at the top SDSA resolution, as used at each step (None before masks)
+    anchors: AnchorCache | None = None
+
+
+class ConsiStoryRun:
+    """Per-generation state shared by the processors and the UNet pre-hook (step, masks, caches)."""
+
+    def __init__(self, args: ConsiStoryArgs, token_ids: list[list[list[int]]], n_steps: int, halves: int,
+                 anchors: AnchorCache | None = None, record: bool = False):
+        self.args, self.token_ids, self.n_steps, self.halves = args, token_ids, n_steps, halves
+        self.n = len(token_ids)
+        self.cached, self.record = anchors, record
+        self.state, self.passno = RunState(), 1
+        self.store = CrossAttentionStore(resolutions=args.mask_resolutions)
+        self.vanilla, self.queries = False, {}
+        self.heat_history, self.masks_per_step, self._masks = [], [], {}
+        self.nn = {}  # resolution -> (source index (n, P), use (n, P)) for feature injection
+        self.record_kv, self.record_out = {}, {}
+        self.top_res, self.inject_res, self._last = None, [], None
+
+    # --- schedule --------------------------------------------------------------------------------------
+    def sdsa_on(self) -> bool:
+        return self.args.sdsa and self.state.step >= self.args.sdsa_start and bool(self.heat_history)
+
+    def mix_strength(self, step: int) -> float | None:
+        last = int(self.n_steps * self.args.query_mix_fraction)
+        if self.args.query_mix_fraction <= 0 or step > last:
+            return None
+        a, b = self.args.query_mix_strength
+        return a + (b - a) * step / max(last, 1)
+
+    def inject_on(self, step: int) -> bool:
+        lo, hi = self.args.inject_fraction
+        return self.passno == 2 and int(self.n_steps * lo) <= step <= int(self.n_steps * hi)
+
+    def sources(self) -> list[int]:
+        return list(range(self.n if self.args.n_anchors is None else self.args.n_anchors))
+
+    # --- masks -----------------------------------------------------------------------------------------
+    def end_step(self):
+        """Fold the finished step's cross-attention into the history; masks are then rebuilt lazily."""
+        if not self.store.sums:
+            return
+        maps = self.store.maps()[-self.n:]  # (n, R, R, tokens), conditional half
+        heat = torch.stack([torch.stack([maps[i, ..., ids].mean(-1) for ids in words], -1)
+                            for i, words in enumerate(self.token_ids)])
+        self.heat_history.append(heat)
+        self.store.reset()
+        self._masks = {}
+
+    def masks(self, r: int) -> torch.Tensor:
+        """(n, r*r) bool: union over subject words of Otsu(mean heat of the last `mask_window` steps)."""
+        if r not in self._masks:
+            heat = torch.stack(self.heat_history[-self.args.mask_window:]).mean(0).permute(0, 3, 1, 2)
+            heat = F.interpolate(heat, size=(r, r), mode="bilinear", align_corners=False)
+            m = np.stack([np.any([otsu_mask(h) for h in img], 0) for img in heat.numpy()])
+            self._masks[r] = torch.from_numpy(m).reshape(self.n, r * r)
+        return self._masks[r]
+
+    def keep(self, r: int, s: int, device) -> torch.Tensor:
+        """(s, r*r) dropout draw for the shared tokens, a function of (seed, step, resolution) only."""
+        if self.args.mask_dropout == 0:
+            return torch.ones(s, r * r, dtype=torch.bool, device=device)
+        g = torch.Generator().manual_seed(self.args.dropout_seed * 1_000_003 + self.state.step * 1009 + r)
+        return (torch.rand(s, r * r, generator=g) >= self.args.mask_dropout).to(device)
+
+    def pre_hook(self, unet, args, kwargs):
+        """Runs after `track_steps`: on a new step fold the masks, then the extra vanilla pass if mixing."""
+        if self.state.step != self._last:
+            self._last = self.state.step
+            self.end_step()
+            self.queries = {}
+            if self.sdsa_on() and self.mix_strength(self.state.step) is not None:
+                self.vanilla = True
+                try:
+                    unet.forward(*args, **kwargs)  # forward() skips hooks: no step counted
+                finally:
+                    self.vanilla = False
+            if self.top_res is not None:
+                self.masks_per_step.append(self.masks(self.top_res).view(self.n, self.top_res, -1).clone()
+                                           if self.heat_history else None)
+
+
+class _MaskStore(AttentionProcessor):
+    """Feeds the run's cross-attention store, except during the vanilla query pass."""
+    needs_probs = True
+
+    def __init__(self, run: ConsiStoryRun):
+        super().__init__(run.state)
+        self.run = run
+
+    def edit_probs(self, call, probs):
+        return probs if self.run.vanilla else self.run.store.edit_probs(call, probs)
+
+
+class ConsiStoryAttention(AttentionProcessor):
+    """Self-attention with SDSA (share layers) and feature injection (inject layers)."""
+
+    def __init__(self, run: ConsiStoryRun, share: set, inject: set):
+        super().__init__(run.state)
+        self.run, self.share, self.inject = run, share, inject
+
+    def attend(self, call, q, k, v, mask):
+        run, name = self.run, self.layer_name
+        plain = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if name not in self.share:
+            return plain()
+        if run.vanilla:
+            run.queries[name] = q
+            return plain()
+        if not run.sdsa_on():
+            return plain()
+        if mask is not None:
+            raise NotImplementedError("SDSA with an attention mask on self-attention is not supported")
+        step, h, n, P = run.state.step, run.halves, run.n, q.shape[-2]
+        if name in run.queries:
+            s = run.mix_strength(step)
+            q = s * run.queries.pop(name) + (1 - s) * q
+        B, H, _, d = k.shape
+        key = (run.passno, name, step)
+        if run.cached is not None:  # new prompts against cached anchors: all cached tokens are visible
+            ek, ev = run.cached.kv[key]
+            attn_mask = None
+        else:
+            src = run.sources()
+            if len(src) > n:
+                raise ValueError(f"n_anchors={len(src)} exceeds the {n} prompts")
+            allowed = (run.masks(call.height)[src].to(k.device) & run.keep(call.height, len(src), k.device)).flatten()
+            owner = torch.arange(len(src), device=k.device).repeat_interleave(P)[allowed]
+            ek, ev = (t.view(h, n, H, P, d)[:, src].transpose(1, 2).reshape(h, H, -1, d)[:, :, allowed] for t in (k, v))
+            if run.record:
+                run.record_kv[key] = (ek, ev)
+            sees = owner[None, :] != torch.arange(n, device=k.device)[:, None]  # no image sees itself twice
+            attn_mask = torch.cat([torch.ones(n, P, dtype=torch.bool, device=k.device), sees], 1)
+            attn_mask = attn_mask.repeat(h, 1)[:, None, None, :]
+        L = ek.shape[-2]
+        expand = lambda e: e[:, None].expand(h, n, H, L, d).reshape(B, H, L, d)
+        return F.scaled_dot_product_attention(q, torch.cat([k, expand(ek)], -2), torch.cat([v, expand(ev)], -2),
+                                              attn_mask=attn_mask)
+
+    def edit_output(self, call, out):
+        run = self.run
+        if run.vanilla or self.layer_name not in self.inject or not run.inject_on(run.state.step):
+            return out
+        h, n, P, C = run.halves, run.n, out.shape[1], out.shape[2]
+        key = (run.passno, self.layer_name, run.state.step)
+        if run.cached is not None:
+            src_out = run.cached.out[key]
+        else:
+            src_out = out.view(h, n, P, C)[:, run.sources()]
+            if run.record:
+                run.record_out[key] = src_out
+        if call.height not in run.nn:
+            return out
+        idx, use = (t.to(out.device) for t in run.nn[call.height])
+        a = run.args.inject_alpha
+        picked = src_out.reshape(h, -1, C)[:, idx]  # (h, n, P, C)
+        x = out.view(h, n, P, C)
+        return torch.where(use[None, ..., None], a * picked + (1 - a) * x, x).reshape(out.shape)
+
+
+def nearest_subject_patches(target, source, source_mask, same=None):
+    """Cosine nearest neighbour of every target patch among the sources' subject patches.
+
+    target (n, C, P), source (S, C, P), source_mask (S, P) bool; `same[i] = j` when target i is source j
+    (excluded, as an image is not its own source). Returns index into S*P and the similarity, both (n, P).
+    """
+    sim = torch.einsum("ncp,scq->npsq", F.normalize(target.float(), dim=1), F.normalize(source.float(), dim=1))
+    sim = sim.masked_fill(~source_mask[None, None].to(sim.device), -math.inf)
+    for i, j in (same or {}).items():
+        sim[i, :, j] = -math.inf
+    best, idx = sim.flatten(2).max(-1)
+    return idx, best
+
+
+def _correspondences(run: ConsiStoryRun, feats: torch.Tensor, resolutions, anchor_feats=None, anchor_masks=None):
+    """DIFT maps per injection resolution: which source patch each subject patch of each image takes."""
+    for r in resolutions:
+        tgt = F.interpolate(feats.float(), size=(r, r), mode="bilinear", align_corners=False).flatten(2)
+        if anchor_feats is None:
+            src_ids = run.sources()
+            src, smask, same = tgt[src_ids], run.masks(r)[src_ids], {j: t for t, j in enumerate(src_ids)}
+        else:
+            src = F.interpolate(anchor_feats.float(), size=(r, r), mode="bilinear", align_corners=False).flatten(2)
+            smask, same = anchor_masks[r], None
+        idx, best = nearest_subject_patches(tgt, src, smask, same)
+        dist, tmask = 1 - best, run.masks(r).to(best.device)
+        ok = tmask & torch.isfinite(dist)
+        thr = torch.full((len(dist), 1), math.inf if run.args.dift_threshold is None else run.args.dift_threshold)
+        if run.args.dift_threshold is None:  # per image, so an image's map does not depend on the rest of the batch
+            for i in range(len(dist)):
+                if ok[i].sum() >= 2:
+                    thr[i] = _otsu_threshold(dist[i][ok[i]].cpu().numpy())
+        run.nn[r] = (idx, ok & (dist <= thr.to(dist.device)))
+
+
+def _otsu_threshold(x: np.ndarray) -> float:
+    from skimage.filters import threshold_otsu
+    return float(x.max()) if np.ptp(x) == 0 else float(threshold_otsu(x))
+
+
+@contextmanager
+def consistory(unet, run: ConsiStoryRun):
+    """Install SDSA / injection processors, the mask store and the step hooks; restore the UNet on exit."""
+    a = run.args
+    names = attention_names(unet)
+    share_pats = (a.share_layers,) if isinstance(a.share_layers, str) else tuple(a.share_layers)
+    share = set(select_many(names, share_pats, unet))
+    if a.inject_layers is None:
+        selfs = [x for x in names if x.endswith("attn1")]
+        top = max(resolution(unet, x) for x in selfs)
+        inject = {x for x in selfs if resolution(unet, x) == top}
+    else:
+        inject = set(select_many(names, a.inject_layers, unet))
+    if any(x.endswith("attn2") for x in share | inject):
+        raise ValueError("ConsiStory shares and injects in self-attention (attn1) only; the patterns chose attn2")
+    run.top_res = max(resolution(unet, x) for x in share)
+    run.inject_res = sorted({resolution(unet, x) for x in inject})
+    inject = inject if a.inject else set()
+    proc = ConsiStoryAttention(run, share, inject)
+    with ExitStack() as stack:
+        stack.enter_context(patch_attention(unet, {**{x: proc for x in share | inject}, "cross": _MaskStore(run)}))
+        stack.enter_context(track_steps(unet, run.state))
+        stack.enter_context(unet.register_forward_pre_hook(run.pre_hook, with_kwargs=True))
+        yield run
+
+
+def _latents(pipe, seeds, height, width):
+    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], subject_words: list[str] | str, args: ConsiStoryArgs | None = None,
+             seeds: list[int] | None = None, anchors: AnchorCache | None = None, cache_anchors: bool = False,
+             num_inference_steps: int = 20, guidance_scale: float = 5.0, **overrides) -> ConsiStoryOutput:
+    """Generate `prompts` with one consistent subject; images 0..n_anchors-1 are the anchors.
+
+    `anchors`: an `AnchorCache` from an earlier call with `cache_anchors=True`; then every prompt is a new image
+    that sees only the cached anchors (the anchors are not recomputed). `seeds`: one per image (default 0..n-1).
+    """
+    valid = {f.name for f in fields(ConsiStoryArgs)}
+    if unknown := set(overrides) - valid:
+        raise ValueError(f"unknown ConsiStory options {sorted(unknown)}; allowed: {sorted(valid)}")
+    args = replace(args or ConsiStoryArgs(), **overrides)
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a non-empty list of str")
+    words = [subject_words] if isinstance(subject_words, str) else subject_words
+    if not isinstance(words, (list, tuple)) or not words or not all(isinstance(w, str) for w in words):
+        raise TypeError("subject_words must be a str or a non-empty list of str (words present in every prompt)")
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    halves = 2 if guidance_scale > 1 else 1
+    if anchors is not None:
+        if not isinstance(anchors, AnchorCache):
+            raise TypeError(f"anchors must be an AnchorCache, got {type(anchors).__name__}")
+        if (anchors.n_steps, anchors.halves) != (num_inference_steps, halves) or anchors.args != args:
+            raise ValueError("the anchors were made with other steps / guidance / args; allowed: the same as theirs")
+    elif args.sdsa and args.n_anchors is not None and args.n_anchors > len(prompts):
+        raise ValueError(f"n_anchors={args.n_anchors} exceeds the {len(prompts)} prompts")
+    tok = [[token_index(pipe.tokenizer, p, w) for w in words] for p in prompts]
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    latents = _latents(pipe, seeds, size, size).to(pipe.device, pipe.unet.dtype)
+    pipe.scheduler.set_timesteps(num_inference_steps)
+    dift_step = int(torch.argmin((pipe.scheduler.timesteps.float() - args.dift_timestep).abs()))
+    run = ConsiStoryRun(args, tok, num_inference_steps, halves, anchors, cache_anchors and anchors is None)
+    call = lambda: pipe(list(prompts), latents=latents, num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale, output_type="np").images
+    with consistory(pipe.unet, run):
+        if args.inject:
+            with capture(pipe.unet, [args.dift_layer], steps=[dift_step], state=run.state, offload=None) as feats:
+                call()
+            run.end_step()
+            dift = feats.get(args.dift_layer, dift_step)[-len(prompts):]
+            final1 = {r: run.masks(r) for r in run.inject_res}
+            if anchors is None:
+                _correspondences(run, dift, run.inject_res)
+            else:
+                _correspondences(run, dift, run.inject_res, anchors.dift, anchors.masks)
+            run.state.reset()
+            run.__dict__.update(passno=2, heat_history=[], masks_per_step=[], _masks={}, _last=None)
+        images = call()
+        run.end_step()
+    masks = {r: run.masks(r).view(run.n, r, r) for r in sorted({run.top_res, *run.inject_res})} \
+        if run.heat_history else {}
+    cache = None
+    if run.record:
+        k = len(run.sources())
+        cache = AnchorCache(k, num_inference_steps, halves, args, run.record_kv, run.record_out,
+                            dift[:k] if args.inject else None,
+                            {r: m[:k] for r, m in final1.items()} if args.inject else {}, images[:k])
+    return ConsiStoryOutput(images, masks, run.masks_per_step, cache)
+
+
+def toy_scores(images, prompts, probes) -> dict[str, float]:
+    """Identity consistency and prompt fidelity of toy sets, by the probes.
+
+    images: (sets, n, H, W, 3) uint8; prompts: (sets, n). Agreements are over all pairs inside a set of the
+    probe's prediction for an attribute; `detail` is never named by the grammar, `color` only when the prompt
+    names it (then its agreement is fidelity, not identity). background/shape accuracy: probe vs prompt.
+    """
+    from ..toyworld.prompts import BG_WORD
+    from ..toyworld.world import SHAPES
+
+    images = np.asarray(images)
+    if images.ndim != 5 or images.shape[:2] != np.shape(prompts):
+        raise ValueError(f"images must be (sets, n, H, W, 3) matching prompts {np.shape(prompts)}, got {images.shape}")
+    sets, n = images.shape[:2]
+    pred = {k: np.array(v).reshape(sets, n) for k, v in probes.predict(images.reshape(-1, *images.shape[2:])).items()}
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    agree = lambda a: float(np.mean([a[s, i] == a[s, j] for s in range(sets) for i, j in pairs]))
+    inv_bg = {v: k for k, v in BG_WORD.items()}
+    words = [[p.split() for p in row] for row in prompts]
+    bg = [[next((inv_bg[w] for w in ws if w in inv_bg), None) for ws in row] for row in words]
+    shp = [[next((w for w in ws if w in SHAPES), None) for ws in row] for row in words]
+    acc = lambda want, got: float(np.mean([g == w for rw, rg in zip(want, got) for w, g in zip(rw, rg) if w]))
+    identity = float(np.mean([pred["detail"][s, i] == pred["detail"][s, j] and pred["color"][s, i] == pred["color"][s, j]
+                              for s in range(sets) for i, j in pairs]))
+    return {"detail_agreement": agree(pred["detail"]), "color_agreement": agree(pred["color"]),
+            "identity_agreement": identity, "shape_agreement": agree(pred["shape"]),
+            "background_accuracy": acc(bg, pred["background"]), "shape_accuracy": acc(shp, pred["shape"])}
