@@ -14,14 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from diffnb.inversion import ddim_invert
-from diffnb.metrics import iou
 from diffnb.models import load_pipeline
-from diffnb.papers.consistory import ABLATIONS, ConsiStoryRun, consistory, generate, toy_scores
-from diffnb.hooks import token_index
-from diffnb.toyworld import SHAPES, ToyDataset, describe
+from diffnb.papers.consistory import ABLATIONS, generate, toy_mask_iou, toy_scores
+from diffnb.toyworld import SHAPES
 from diffnb.toyworld.probes import Probes
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -29,28 +25,6 @@ BGS = ("striped", "dotted", "checkered", "plain")
 # not the paper's setting: SDSA in every self-attention layer (down, mid, up), to see where identity is decided
 VARIANTS = {**ABLATIONS, "sdsa_all_layers": replace(ABLATIONS["sdsa"], share_layers="self"),
             "full_all_layers": replace(ABLATIONS["full"], share_layers="self")}
-
-
-def mask_iou(pipe, n: int, start: int) -> dict:
-    """Invert held-out renders with their prompt (guidance 1), regenerate, compare the subject masks per step."""
-    ds = ToyDataset("heldout", start + n, n_objects=1)
-    per_step, final, area = [], [], []
-    for i in range(start, start + n):
-        r = ds[i]
-        text, word = describe(r.scene), r.scene.objects[0].shape
-        inv = ddim_invert(pipe, r.image, text, num_inference_steps=20, progress=False)
-        ids = [[token_index(pipe.tokenizer, text, word)]]
-        run = ConsiStoryRun(ABLATIONS["vanilla"], ids, n_steps=20, halves=1)
-        with consistory(pipe.unet, run):
-            pipe(text, latents=inv.noise, num_inference_steps=20, guidance_scale=1.0, output_type="latent")
-            run.end_step()
-        gt = F.interpolate(torch.from_numpy(r.masks[0]).float()[None, None], size=(16, 16), mode="area")[0, 0] > 0.5
-        per_step.append([iou(m[0], gt) for m in run.masks_per_step[1:]])
-        final.append(iou(run.masks(16).view(16, 16), gt))
-        area.append(float(gt.float().mean()))
-    ps = np.mean(per_step, 0)
-    return {"n": n, "final_iou": float(np.mean(final)), "iou_at_steps": {s: float(ps[s - 1]) for s in (1, 5, 10, 19)},
-            "gt_area": float(np.mean(area)), "whole_image_iou": float(np.mean(area))}
 
 
 def main():
@@ -89,7 +63,7 @@ def main():
         r["time_ratio"] = r["seconds_per_set"] / result["plain_seconds_per_set"]
         print(name, "time ratio vs plain pipeline", round(r["time_ratio"], 2))
     if a.iou:
-        result["mask_iou"] = mask_iou(pipe, a.iou, a.start)
+        result["mask_iou"] = toy_mask_iou(pipe, a.iou, a.start)
         print("mask IoU", result["mask_iou"], flush=True)
     OUT.mkdir(exist_ok=True)
     path = OUT / f"consistory_toy_{a.start}.json"

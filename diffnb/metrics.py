@@ -18,14 +18,18 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
-def otsu_mask(heat) -> np.ndarray:
-    """Binary mask of a heat map thresholded with Otsu's method."""
+def otsu_threshold(values) -> float:
+    """Otsu's threshold of a set of values (their maximum when all are equal, so nothing lies above it)."""
     from skimage.filters import threshold_otsu
 
+    h = _np(values).astype(np.float64)
+    return float(h.max()) if np.ptp(h) == 0 else float(threshold_otsu(h))
+
+
+def otsu_mask(heat) -> np.ndarray:
+    """Binary mask of a heat map thresholded with Otsu's method."""
     h = _np(heat).astype(np.float64)
-    if np.ptp(h) == 0:
-        return np.zeros(h.shape, bool)
-    return h > threshold_otsu(h)
+    return h > otsu_threshold(h)
 
 
 def iou(a, b) -> float:

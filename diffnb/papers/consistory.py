@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..hooks import CrossAttentionStore, capture, token_index
 from ..layers import resolution, select_many
-from ..metrics import otsu_mask
+from ..metrics import otsu_mask, otsu_threshold
 from ..processors import AttentionProcessor, RunState, attention_names, patch_attention, track_steps
 
 
@@ -280,13 +280,8 @@ def _correspondences(run: ConsiStoryRun, feats: torch.Tensor, resolutions, ancho
         if run.args.dift_threshold is None:  # per image, so an image's map does not depend on the rest of the batch
             for i in range(len(dist)):
                 if ok[i].sum() >= 2:
-                    thr[i] = _otsu_threshold(dist[i][ok[i]].cpu().numpy())
+                    thr[i] = otsu_threshold(dist[i][ok[i]].cpu().numpy())
         run.nn[r] = (idx, ok & (dist <= thr.to(dist.device)))
-
-
-def _otsu_threshold(x: np.ndarray) -> float:
-    from skimage.filters import threshold_otsu
-    return float(x.max()) if np.ptp(x) == 0 else float(threshold_otsu(x))
 
 
 @contextmanager
@@ -410,3 +405,32 @@ def toy_scores(images, prompts, probes) -> dict[str, float]:
     return {"detail_agreement": agree(pred["detail"]), "color_agreement": agree(pred["color"]),
             "identity_agreement": identity, "shape_agreement": agree(pred["shape"]),
             "background_accuracy": acc(bg, pred["background"]), "shape_accuracy": acc(shp, pred["shape"])}
+
+
+@torch.no_grad()
+def toy_mask_iou(pipe, n: int = 8, start: int = 0) -> dict:
+    """Subject masks against ground truth: held-out renders are DDIM-inverted with their prompt (guidance 1) and
+    regenerated under mask tracking; IoU of the 16x16 mask at every step and at the end (generations have no
+    ground truth). `whole_image_iou` is what a mask covering everything would score."""
+    from ..inversion import ddim_invert
+    from ..metrics import iou
+    from ..toyworld import ToyDataset, describe
+
+    ds = ToyDataset("heldout", start + n, n_objects=1)
+    per_step, final, area = [], [], []
+    for i in range(start, start + n):
+        r = ds[i]
+        text, word = describe(r.scene), r.scene.objects[0].shape
+        inv = ddim_invert(pipe, r.image, text, num_inference_steps=20, progress=False)
+        ids = [[token_index(pipe.tokenizer, text, word)]]
+        run = ConsiStoryRun(ABLATIONS["vanilla"], ids, n_steps=20, halves=1)
+        with consistory(pipe.unet, run):
+            pipe(text, latents=inv.noise, num_inference_steps=20, guidance_scale=1.0, output_type="latent")
+            run.end_step()
+        gt = F.interpolate(torch.from_numpy(r.masks[0]).float()[None, None], size=(16, 16), mode="area")[0, 0] > 0.5
+        per_step.append([iou(m[0], gt) for m in run.masks_per_step[1:]])
+        final.append(iou(run.masks(16).view(16, 16), gt))
+        area.append(float(gt.float().mean()))
+    ps = np.mean(per_step, 0)
+    return {"n": n, "final_iou": float(np.mean(final)), "iou_at_steps": {s: float(ps[s - 1]) for s in (1, 5, 10, 19)},
+            "gt_area": float(np.mean(area)), "whole_image_iou": float(np.mean(area))}
