@@ -408,7 +408,7 @@ def toy_scores(images, prompts, probes) -> dict[str, float]:
 
 
 @torch.no_grad()
-def toy_mask_iou(pipe, n: int = 8, start: int = 0) -> dict:
+def toy_mask_iou(pipe, n: int = 8, start: int = 0, args: ConsiStoryArgs | None = None) -> dict:
     """Subject masks against ground truth: held-out renders are DDIM-inverted with their prompt (guidance 1) and
     regenerated under mask tracking; IoU of the 16x16 mask at every step and at the end (generations have no
     ground truth). `whole_image_iou` is what a mask covering everything would score."""
@@ -423,7 +423,7 @@ def toy_mask_iou(pipe, n: int = 8, start: int = 0) -> dict:
         text, word = describe(r.scene), r.scene.objects[0].shape
         inv = ddim_invert(pipe, r.image, text, num_inference_steps=20, progress=False)
         ids = [[token_index(pipe.tokenizer, text, word)]]
-        run = ConsiStoryRun(ABLATIONS["vanilla"], ids, n_steps=20, halves=1)
+        run = ConsiStoryRun(replace(args or ABLATIONS["vanilla"], sdsa=False, inject=False), ids, n_steps=20, halves=1)
         with consistory(pipe.unet, run):
             pipe(text, latents=inv.noise, num_inference_steps=20, guidance_scale=1.0, output_type="latent")
             run.end_step()
