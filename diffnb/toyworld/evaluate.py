@@ -170,21 +170,31 @@ Probe held-out accuracy (blurred renders): {probe}.
 `attention_iou`: the shape word's cross-attention at the 16×16 layers, t ∈ {{50, 150}}, Otsu vs the object mask
 (`_color`: the colour word; `_all_resolutions`: 16×16 and 8×8 averaged at t ∈ {{200, 400, 600}}, the first protocol).
 
+## Status
+{status}
+
 ![samples](samples.png)
 """
 
 
 def write_card(m: dict, out_dir: Path):
     cfg = json.loads((out_dir / "training_config.json").read_text())["args"]
-    lines = []
+    lines, unmet = [], []
     for k, v in m.items():
         if isinstance(v, float):
             bar = BARS.get(k, BARS["diversity"] if k.startswith("diversity") else None)
             sign = "≤" if k.endswith("seconds") else "≥"
             lines.append(f"| {k} | {v:.3f} | {'' if bar is None else f'{sign} {bar}'} |")
+            if bar is not None and not (v <= bar if k.endswith("seconds") else v >= bar):
+                unmet.append(f"{k} {v:.2f} (bar {bar})")
+    status = ("Every bar is met." if not unmet else
+              "Below their bars: " + ", ".join(unmet) + ". The UNet loss was still falling when CPU training stopped "
+              "(see loss.png): the next step is a longer run (`python -m diffnb.toyworld.train --unet-steps N`, resumable from "
+              "its checkpoints; minutes on a GPU), and if that is not enough, a simpler world (fewer shape classes with outlines that "
+              "differ at 16×16 latents, e.g. dropping the circle/heart pair) rather than a lower bar.")
     (out_dir / "README.md").write_text(CARD.format(
         shapes=", ".join(SHAPES), colors=", ".join(COLORS), details=", ".join(HEADS["detail"]),
-        backgrounds="/".join(BACKGROUNDS), vae_steps=cfg["vae_steps"], unet_steps=cfg.get("trained_unet_steps", cfg["unet_steps"]),
+        backgrounds="/".join(BACKGROUNDS), status=status, vae_steps=cfg["vae_steps"], unet_steps=cfg.get("trained_unet_steps", cfg["unet_steps"]),
         batch=cfg["batch"], lr=cfg["lr"], device=cfg.get("device", "cpu"), table="\n".join(lines),
         probe={k: round(v, 3) for k, v in (m["probe_heldout_accuracy"] or {}).items()}))
 
