@@ -19,6 +19,7 @@ from diffnb.models import load_pipeline
 from diffnb.papers.consistory import ABLATIONS, generate, toy_mask_iou, toy_scores
 from diffnb.toyworld import SHAPES
 from diffnb.toyworld.probes import Probes
+from diffnb.viz import to_uint8
 
 OUT = Path(__file__).resolve().parent / "results"
 BGS = ("striped", "dotted", "checkered", "plain")
@@ -47,7 +48,7 @@ def main():
             t = time.perf_counter()
             out = generate(pipe, ps, shape, VARIANTS[name], seeds=[1000 * s + j for j in range(4)])
             secs += time.perf_counter() - t
-            images.append((out.images * 255).round().astype(np.uint8))
+            images.append(to_uint8(out.images))
             prompts.append(ps)
         scores = toy_scores(np.stack(images), prompts, probes)
         result["ablations"][name] = {**scores, "seconds_per_set": secs / a.sets}

@@ -36,8 +36,13 @@ class Inversion:
 
 
 def to_tensor_image(image, size: int | None = None) -> torch.Tensor:
-    """PIL / uint8 HWC array / float tensor in [0,1] -> (B, 3, H, W) float in [-1, 1]."""
+    """PIL / uint8 HWC array / float tensor in [0,1], or a list of same-sized ones -> (B, 3, H, W) float in [-1, 1]."""
     from PIL import Image
+
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise ValueError("got an empty list of images")
+        return torch.cat([to_tensor_image(im, size) for im in image])
 
     if isinstance(image, Image.Image):
         image = image.convert("RGB")

@@ -220,4 +220,3 @@ class TokenReweight(AttentionProcessor):
                 raise ValueError(f"token index {idx} out of range 0..{len(w) - 1}")
             w[idx] = weight
         return probs * w
-

@@ -76,8 +76,7 @@ class AlignedAttentionScore(AttentionProcessor):
 
 
 def _check_images(a, b) -> tuple[torch.Tensor, torch.Tensor]:
-    as_batch = lambda x: torch.cat([to_tensor_image(i) for i in x]) if isinstance(x, (list, tuple)) else to_tensor_image(x)
-    a, b = as_batch(a), as_batch(b)
+    a, b = to_tensor_image(a), to_tensor_image(b)
     if a.shape != b.shape:
         raise ValueError(f"images_a and images_b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     return a, b

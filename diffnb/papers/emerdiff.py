@@ -150,15 +150,13 @@ def modulated_denoise(pipe, x_tm: torch.Tensor, masks: torch.Tensor, args: EmerD
 def difference_maps(images: np.ndarray, smooth_sigma: float = 0.0) -> np.ndarray:
     """‖I⁻ − I⁺‖₂ over RGB per segment from the batch layout of `modulated_denoise`: (K, H, W)."""
     x = torch.as_tensor(images[1:]).float().unflatten(0, (-1, 2))  # (K, 2, H, W, 3)
-    d = (x[:, 1] - x[:, 0]).norm(dim=-1)
+    d = (x[:, 1] - x[:, 0]).norm(dim=-1).numpy()
     if smooth_sigma > 0:
-        r = max(1, int(3 * smooth_sigma))
-        g = torch.exp(-torch.arange(-r, r + 1).float() ** 2 / (2 * smooth_sigma ** 2))
-        g = (g / g.sum()).view(1, 1, -1)
-        d = F.conv1d(F.pad(d.flatten(0, 1)[:, None], (r, r), mode="replicate"), g).view_as(d)  # rows
-        d = F.conv1d(F.pad(d.transpose(1, 2).flatten(0, 1)[:, None], (r, r), mode="replicate"), g)
-        d = d.view(x.shape[0], x.shape[3], x.shape[2]).transpose(1, 2)  # columns
-    return d.numpy()
+        from scipy.ndimage import gaussian_filter
+
+        d = gaussian_filter(d, sigma=(0, smooth_sigma, smooth_sigma), mode="nearest",
+                           radius=max(1, int(3 * smooth_sigma)))
+    return d
 
 
 @torch.no_grad()

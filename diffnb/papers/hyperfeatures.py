@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..hooks import capture
 from ..inversion import ddim_invert, to_tensor_image
 from ..layers import select_many
+from ..viz import to_uint8
 
 LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature; fixed (not learned) in the official training
 SITES = ("conv2", "block")
@@ -156,7 +157,7 @@ def generation_features(pipe, prompt, layers=DECODER_RESNETS, steps=None, num_in
     gen = [num_inference_steps - 1 - s for s in steps]
     with capture(pipe.unet, hooks, steps=gen) as cache:
         images = pipe(prompt, num_inference_steps=num_inference_steps, output_type="np", **pipe_kwargs).images
-    images = (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
+    images = to_uint8(np.asarray(images))
     maps = _collect(cache, names, hooks, gen, size, dtype, last=len(images))
     return images, Hyperfeatures(maps, steps, [int(cache.timesteps[g]) for g in gen])
 

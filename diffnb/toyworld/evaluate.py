@@ -18,6 +18,7 @@ from ..hooks import CrossAttentionStore, token_index
 from ..inversion import encode_image, unet_conditioning
 from ..metrics import iou, otsu_mask
 from ..processors import patch_attention
+from ..viz import to_uint8
 from .data import ToyDataset, scene_rng
 from .probes import HEADS, Probes
 from .prompts import describe, prompt
@@ -33,7 +34,7 @@ def generate(pipe, prompts, seeds, batch: int = 25, **kw) -> np.ndarray:
     for i in tqdm(range(0, len(prompts), batch), desc="generate", leave=False):
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i:i + batch]]
         imgs = pipe(list(prompts[i:i + batch]), generator=gens, output_type="np", **kw).images
-        out.append((imgs * 255).round().astype(np.uint8))
+        out.append(to_uint8(imgs))
     return np.concatenate(out)
 
 

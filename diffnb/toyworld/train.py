@@ -89,10 +89,14 @@ def to_tensor(images: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def atomic_save(obj, path: Path):
+    """torch.save through a temporary file: a stop mid-save never corrupts the checkpoint."""
+    torch.save(obj, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
 def save_state(path: Path, step: int, extra: dict | None = None, **objs):
-    state = {"step": step, **{k: v.state_dict() for k, v in objs.items()}, **(extra or {})}
-    torch.save(state, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)  # atomic: a stop mid-save never corrupts the checkpoint
+    atomic_save({"step": step, **{k: v.state_dict() for k, v in objs.items()}, **(extra or {})}, path)
 
 
 def train_vae(vae, data, args, device, log):
@@ -204,8 +208,7 @@ def retokenize_checkpoint(ckpt: Path, old_dir: Path, new_dir: Path):
     state["ema"][ema[0]] = remap(state["ema"][ema[0]])
     for name in ("exp_avg", "exp_avg_sq"):
         moments[0][name] = remap(moments[0][name])
-    torch.save(state, ckpt.with_suffix(".tmp"))
-    ckpt.with_suffix(".tmp").replace(ckpt)
+    atomic_save(state, ckpt)
     print(f"retokenized {ckpt}: vocabulary {old_shape[0]} -> {len(sources)}")
 
 
