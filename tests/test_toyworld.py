@@ -74,3 +74,39 @@ def test_prompts_and_word_tokenizer(tmp_path):
 def test_every_word_is_one_token(tmp_path):
     tok = CLIPTokenizer.from_pretrained(write_word_tokenizer(tmp_path))
     assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in WORDS)
+
+
+def test_word_owners_count_objects_along_the_prompt(tmp_path):
+    from diffnb.toyworld.train import word_owners
+
+    tok = CLIPTokenizer.from_pretrained(write_word_tokenizer(tmp_path))
+    texts = ["a red heart and a moon on a dotted background", "a green object", ""]
+    ids = tok(texts, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
+    owners = word_owners(ids, tok)
+    for text, row, own in zip(texts, ids, owners):
+        named = {tok.decode([i]).strip(): int(o) for i, o in zip(row, own) if o >= 0}
+        expected = {"a red heart and a moon on a dotted background": {"red": 0, "heart": 0, "moon": 1},
+                    "a green object": {"green": 0, "object": 0}, "": {}}[text]
+        assert named == expected
+
+
+def test_grounding_loss_rewards_attention_inside_the_mask():
+    import torch
+
+    from diffnb.toyworld.train import grounding_loss
+
+    masks = torch.zeros(1, 2, 16, 16)
+    masks[0, 0, :8, :8] = 1  # object 0 in the top-left quarter
+    owners = torch.tensor([[-1, 0, -1]])
+    inside = torch.zeros(1, 256, 3)
+    inside[0, :, 0] = 1.0
+    inside.view(1, 16, 16, 3)[0, :8, :8] = torch.tensor([0.0, 1.0, 0.0])  # token 1 owns exactly its mask
+    spread = torch.full((1, 256, 3), 1 / 3)
+    keep = torch.tensor([True])
+    tok_in, pix_in = grounding_loss([inside], owners, masks, keep)
+    tok_sp, pix_sp = grounding_loss([spread], owners, masks, keep)
+    assert tok_in < 1e-6 < 0.5 < tok_sp and pix_in < 1e-3 < pix_sp
+    tok8, _ = grounding_loss([inside, inside.view(1, 16, 16, 3)[:, ::2, ::2].reshape(1, 64, 3)], owners, masks, keep)
+    assert tok8 < 1e-6  # the 8x8 map is scored against the pooled mask
+    zero_tok, zero_pix = grounding_loss([spread], owners, masks, torch.tensor([False]))
+    assert zero_tok == 0 and zero_pix == 0

@@ -4,14 +4,17 @@ Stages, each checkpointed under --out so that a stopped run resumes where it was
   1. render the training split once (images + labels, .npz)
   2. train the VAE (AutoencoderKL, 64 px -> 16x16x4 latents)
   3. encode the data set to latents once (the UNet stage then never touches pixels)
-  4. train UNet + CLIP text encoder on the latents (epsilon loss with min-SNR weighting, CFG dropout, EMA)
+  4. train UNet + CLIP text encoder on the latents (epsilon loss with min-SNR weighting, CFG dropout, EMA),
+     optionally with a grounding loss on the cross-attention maps of the object words (see `grounding_loss`)
   5. export a StableDiffusionPipeline with save_pretrained (fp16 safetensors) + config + loss curve
 Uses CUDA when available, else the CPU.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -21,12 +24,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..processors import AttentionProcessor, patch_attention
 from .data import ToyDataset
 from .prompts import MAX_TOKENS, describe, write_word_tokenizer
 from .world import BACKGROUNDS, COLORS, DETAILS, SHAPES, IMAGE_SIZE
 
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+GROUNDED_RESOLUTIONS = (16, 8)  # the cross-attention maps the grounding loss supervises
+GROUNDED_MAX_T = 500  # ... at timesteps below this one
 PROMPT_DROPOUT = dict(p_empty=0.1, p_drop_shape=0.15, p_drop_color=0.25, p_drop_background=0.3)
 
 
@@ -68,6 +74,68 @@ def render_dataset(path: Path, n: int) -> dict:
     data = dict(images=np.stack(images), labels=np.array(labels, dtype=np.int16))
     np.savez(path, **data)
     return data
+
+
+def object_masks(path: Path, n: int, size: int = IMAGE_SIZE // 4) -> np.ndarray:
+    """(n, 2, size, size) float16: each object's visible area fraction per latent cell (zeros for a missing one)."""
+    if path.exists():
+        return np.load(path)
+    ds = ToyDataset("train", length=n)
+    out = np.zeros((n, 2, size, size), np.float16)
+    f = IMAGE_SIZE // size
+    for i in tqdm(range(n), desc="masks"):
+        m = ds[i].masks[:-1].astype(np.float32)
+        out[i, :len(m)] = m.reshape(len(m), size, f, size, f).mean(axis=(2, 4))
+    np.save(path, out)
+    return out
+
+
+class KeepCrossAttention(AttentionProcessor):
+    """Keeps each call's head-averaged cross-attention probabilities, gradients attached, for the grounding loss."""
+    needs_probs = True
+
+    def __init__(self):
+        super().__init__()
+        self.maps: list[torch.Tensor] = []
+
+    def edit_probs(self, call, probs):
+        self.maps.append(probs.mean(1))  # (B, N, T)
+        return probs
+
+
+def word_owners(ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """(B, T) index of the object each token names (its colour or shape word), -1 for every other token.
+
+    Objects are counted along the prompt: "a red heart and a moon ..." -> red, heart: 0; moon: 1.
+    """
+    vocab = tokenizer.get_vocab()
+    word_id = lambda w: vocab[w + "</w>"]
+    object_words = torch.tensor([word_id(w) for w in (*SHAPES, *COLORS, "object")], device=ids.device)
+    objects_before = torch.cumsum(ids == word_id("and"), dim=1)
+    return torch.where(torch.isin(ids, object_words), objects_before, -1)
+
+
+def grounding_loss(maps: list[torch.Tensor], owners: torch.Tensor, masks: torch.Tensor, keep: torch.Tensor):
+    """Token-level grounding (TokenCompose, Wang et al. CVPR 2024): each object word's cross-attention map should
+    put its mass inside that object's mask (token term) and cover it (pixel BCE term).
+
+    maps: (B, N, T) per layer; owners: (B, T) from `word_owners`; masks: (B, 2, S, S) area fractions at the
+    largest map size; keep: (B,) samples to supervise (low noise: at high noise the layout is not yet decided).
+    Returns (token term, pixel term), averaged over supervised (sample, word) pairs and layers.
+    """
+    sel = (owners >= 0) & keep[:, None]
+    if not sel.any():
+        zero = maps[0].sum() * 0
+        return zero, zero
+    b, t = sel.nonzero(as_tuple=True)
+    token, pixel = 0.0, 0.0
+    for m in maps:
+        side = math.isqrt(m.shape[1])
+        target = F.adaptive_avg_pool2d(masks.float(), side).flatten(2)[b, owners[b, t]]  # (K, N)
+        a = m[b, :, t]  # (K, N)
+        token = token + ((1 - (a * target).sum(-1) / a.sum(-1).clamp_min(1e-6)) ** 2).mean()
+        pixel = pixel + F.binary_cross_entropy(a.clamp(1e-6, 1 - 1e-6), (target > 0.5).float())
+    return token / len(maps), pixel / len(maps)
 
 
 def prompts_from_labels(labels: np.ndarray, rng: np.random.Generator) -> list[str]:
@@ -135,7 +203,7 @@ def encode_latents(vae, data, path: Path, device) -> np.ndarray:
     return lat
 
 
-def train_unet(unet, text_encoder, tokenizer, latents, labels, args, device, log):
+def train_unet(unet, text_encoder, tokenizer, latents, labels, args, device, log, masks=None):
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
@@ -154,30 +222,41 @@ def train_unet(unet, text_encoder, tokenizer, latents, labels, args, device, log
     snr = alphas / (1 - alphas)
     rng = np.random.default_rng(1000 + start)
     lat_t = torch.from_numpy(latents)
+    grounded = args.grounding > 0 and masks is not None
+    keeper = KeepCrossAttention()
+    patched = patch_attention(unet, {f"cross@{r}": keeper for r in GROUNDED_RESOLUTIONS}) if grounded \
+        else contextlib.nullcontext()
     unet.train(), text_encoder.train()
     args.trained_unet_steps = max(start, args.unet_steps)  # an export of a later checkpoint keeps its own step
-    for step in tqdm(range(start, args.unet_steps), desc="unet", initial=start, total=args.unet_steps):
-        idx = rng.integers(len(lat_t), size=args.batch)
-        x0 = lat_t[idx].to(device) * args.scaling_factor
-        ids = tokenizer(prompts_from_labels(labels[idx], rng), padding="max_length", max_length=MAX_TOKENS,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, 1000, (len(x0),), device=device)
-        xt = sched.add_noise(x0, noise, t)
-        pred = unet(xt, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 (Hang et al. 2023): faster convergence
-        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
-        log("unet", step, loss.item())
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.unet_steps:
-            save_state(ckpt, step + 1, {"ema": [e.cpu() for e in ema]}, unet=unet, text=text_encoder, opt=opt)
+    with patched:
+        for step in tqdm(range(start, args.unet_steps), desc="unet", initial=start, total=args.unet_steps):
+            idx = rng.integers(len(lat_t), size=args.batch)
+            x0 = lat_t[idx].to(device) * args.scaling_factor
+            ids = tokenizer(prompts_from_labels(labels[idx], rng), padding="max_length", max_length=MAX_TOKENS,
+                            truncation=True, return_tensors="pt").input_ids.to(device)
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, 1000, (len(x0),), device=device)
+            xt = sched.add_noise(x0, noise, t)
+            keeper.maps.clear()
+            pred = unet(xt, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+            weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 (Hang et al. 2023): faster convergence
+            loss = denoise = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+            if grounded:
+                token, pixel = grounding_loss(keeper.maps, word_owners(ids, tokenizer),
+                                              torch.from_numpy(masks[idx]).to(device), t < GROUNDED_MAX_T)
+                loss = loss + args.grounding * (token + 0.5 * pixel)
+                log("grounding", step, token.item())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            decay = min(0.999, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for e, p in zip(ema, params):
+                    e.lerp_(p.detach(), 1 - decay)
+            log("unet", step, denoise.item())
+            if (step + 1) % args.ckpt_every == 0 or step + 1 == args.unet_steps:
+                save_state(ckpt, step + 1, {"ema": [e.cpu() for e in ema]}, unet=unet, text=text_encoder, opt=opt)
     with torch.no_grad():  # export the EMA weights
         for e, p in zip(ema, params):
             p.copy_(e)
@@ -237,6 +316,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--ckpt-every", type=int, default=250)
+    p.add_argument("--grounding", type=float, default=0.01,
+                   help="weight of the cross-attention grounding loss (0: plain denoising loss)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -270,7 +351,8 @@ def main(argv=None):
     train_vae(vae, data, args, device, log)
     latents = encode_latents(vae, data, args.out / "latents.npy", device)
     args.scaling_factor = float(1.0 / latents.std())
-    train_unet(unet, text_encoder, tokenizer, latents, data["labels"], args, device, log)
+    masks = object_masks(args.out / "masks16.npy", args.n_images) if args.grounding > 0 else None
+    train_unet(unet, text_encoder, tokenizer, latents, data["labels"], args, device, log, masks)
     export(tokenizer, text_encoder, vae, unet, args)
 
 
