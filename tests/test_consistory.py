@@ -76,6 +76,21 @@ def test_extended_attention_matches_paper_equations(sdxl_attn, dropout, n_anchor
     assert (ours - AttentionProcessor()(sdxl_attn, x)).abs().max() > 1e-3  # sharing did something
 
 
+def test_unmasked_sharing_is_extended_attention_from_step_zero(sdxl_attn):
+    run = ConsiStoryRun(ConsiStoryArgs(subject_masks="all", sdsa_start=0, mask_dropout=0.0), [[[1]]] * 3,
+                        n_steps=10, halves=2)
+    run.state.step = 0
+    assert run.sdsa_on() and not run.heat_history  # no cross-attention seen yet, still shared
+    assert run.masks(4).all()
+    x = torch.randn(6, 16, sdxl_attn.to_q.in_features, generator=torch.Generator().manual_seed(2))
+    ours = ConsiStoryAttention(run, {LAYER}, set()).for_layer(LAYER)(sdxl_attn, x)
+    ref = _paper_sdsa(sdxl_attn, x, torch.ones(3, 16, dtype=torch.bool), torch.ones(2, 16, dtype=torch.bool),
+                      run.sources(), 2)
+    assert (ours - ref).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="subject_masks must be"):
+        ConsiStoryArgs(subject_masks="gt")
+
+
 def test_shapes_and_masks_update_per_step(tiny):
     out = generate(tiny, PROMPTS, "heart", mask_window=2, num_inference_steps=4, seeds=[0, 1, 2, 3])
     size = tiny.unet.config.sample_size * tiny.vae_scale_factor

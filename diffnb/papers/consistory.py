@@ -36,6 +36,7 @@ class ConsiStoryArgs:
     share_layers: str | tuple[str, ...] = "up.*.attn1"  # official: self-attention of the up blocks only
     n_anchors: int | None = 2  # images 0..n-1 of each CFG half are shared; None: every image shares
     sdsa_start: int = 1  # first step with SDSA (official t_range (1, n_steps)); step 0 has no masks yet
+    subject_masks: str = "attention"  # "all": share every patch (no masks; the premise test and ablation)
     mask_resolutions: tuple[int, ...] | None = None  # cross-attention maps used (official 32 on SDXL); None: all
     mask_window: int = 20  # average the last this many steps' maps (official x[-20:])
     mask_dropout: float = 0.5  # share of subject tokens hidden from others per step (official 0.5)
@@ -57,6 +58,8 @@ class ConsiStoryArgs:
             raise ValueError(f"n_anchors must be None or an int >= 1, got {self.n_anchors!r}")
         if not 0 <= self.inject_alpha <= 1:
             raise ValueError(f"inject_alpha must be in [0, 1], got {self.inject_alpha}")
+        if self.subject_masks not in ("attention", "all"):
+            raise ValueError(f"subject_masks must be 'attention' or 'all', got {self.subject_masks!r}")
         if self.mask_window < 1:
             raise ValueError(f"mask_window must be >= 1, got {self.mask_window}")
 
@@ -110,7 +113,8 @@ class ConsiStoryRun:
 
     # --- schedule --------------------------------------------------------------------------------------
     def sdsa_on(self) -> bool:
-        return self.args.sdsa and self.state.step >= self.args.sdsa_start and bool(self.heat_history)
+        has_masks = self.args.subject_masks == "all" or bool(self.heat_history)
+        return self.args.sdsa and self.state.step >= self.args.sdsa_start and has_masks
 
     def mix_strength(self, step: int) -> float | None:
         last = int(self.n_steps * self.args.query_mix_fraction)
@@ -140,6 +144,8 @@ class ConsiStoryRun:
 
     def masks(self, r: int) -> torch.Tensor:
         """(n, r*r) bool: union over subject words of Otsu(mean heat of the last `mask_window` steps)."""
+        if self.args.subject_masks == "all":
+            return torch.ones(self.n, r * r, dtype=torch.bool)
         if r not in self._masks:
             heat = torch.stack(self.heat_history[-self.args.mask_window:]).mean(0).permute(0, 3, 1, 2)
             heat = F.interpolate(heat, size=(r, r), mode="bilinear", align_corners=False)

@@ -125,12 +125,13 @@ def loss_figure(csv: Path, path: Path):
     import matplotlib.pyplot as plt
 
     rows = [line.split(",") for line in csv.read_text().splitlines() if line]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
-    for ax, stage in zip(axes, ("vae", "unet")):
+    stages = [st for st in ("vae", "unet", "grounding") if any(r[0] == st for r in rows)]
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
         pts = [(int(r[1]), float(r[3])) for r in rows if r[0] == stage]
         if pts:
             ax.plot(*zip(*pts))
-        ax.set_title(f"{stage} loss (EMA 0.98)")
+        ax.set_title(f"{stage} loss (EMA 0.98)" if stage != "grounding" else "grounding token term (EMA 0.98)")
         ax.set_xlabel("step")
         ax.set_yscale("log")
     fig.tight_layout()
@@ -161,6 +162,7 @@ shape (15 %), colour (25 %) and background (30 %) are dropped at random and 10 %
 `python -m diffnb.toyworld.train` (config in `training_config.json`, loss curve in `loss.png`): VAE
 {vae_steps} steps, then UNet + text encoder {unet_steps} steps at batch {batch} on precomputed latents, AdamW
 lr {lr}, min-SNR-5 weighting, EMA 0.999 (exported). Device: {device}.
+{grounding}
 
 ## Measured (`python -m diffnb.toyworld.evaluate`, held-out prompts and seeds)
 | metric | value | bar |
@@ -176,6 +178,17 @@ Probe held-out accuracy (blurred renders): {probe}.
 
 ![samples](samples.png)
 """
+
+
+def grounding_note(cfg: dict) -> str:
+    if not cfg.get("grounding") or cfg.get("grounding_from") is None:
+        return "The cross-attention was not supervised: where it localises, that is emergent."
+    return (f"From UNet step {cfg['grounding_from']:,} on, a token-level grounding loss (weight {cfg['grounding']}; "
+            "TokenCompose, Wang et al. CVPR 2024) pulls each colour and shape word's cross-attention at the 16×16 and "
+            "8×8 layers (t < 500) into its object's mask. Without it the maps did not localise within a CPU budget "
+            "(IoU 0.36 after 6,750 steps), and ConsiStory's masks and EmerDiff's segments are read from them. So on "
+            "this model localised cross-attention is **trained, not emergent**; in Stable Diffusion it is emergent "
+            "(DAAM, Tang et al. 2023). Self-attention, features and everything else were never supervised.")
 
 
 def write_card(m: dict, out_dir: Path):
@@ -196,7 +209,7 @@ def write_card(m: dict, out_dir: Path):
     (out_dir / "README.md").write_text(CARD.format(
         shapes=", ".join(SHAPES), colors=", ".join(COLORS), details=", ".join(HEADS["detail"]),
         backgrounds="/".join(BACKGROUNDS), status=status, vae_steps=cfg["vae_steps"], unet_steps=cfg.get("trained_unet_steps", cfg["unet_steps"]),
-        batch=cfg["batch"], lr=cfg["lr"], device=cfg.get("device", "cpu"), table="\n".join(lines),
+        batch=cfg["batch"], lr=cfg["lr"], grounding=grounding_note(cfg), device=cfg.get("device", "cpu"), table="\n".join(lines),
         probe={k: round(v, 3) for k, v in (m["probe_heldout_accuracy"] or {}).items()}))
 
 

@@ -170,7 +170,7 @@ def save_state(path: Path, step: int, extra: dict | None = None, **objs):
 def train_vae(vae, data, args, device, log):
     ckpt = args.out / "vae.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    start = 0
+    start, grounding_from = 0, None
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device)
         vae.load_state_dict(state["vae"]), opt.load_state_dict(state["opt"])
@@ -211,18 +211,22 @@ def train_unet(unet, text_encoder, tokenizer, latents, labels, args, device, log
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
-    start = 0
+    start, grounding_from = 0, None
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device)
         unet.load_state_dict(state["unet"]), text_encoder.load_state_dict(state["text"])
         opt.load_state_dict(state["opt"])
         ema = [t.to(device) for t in state["ema"]]
         start = state["step"]
+        grounding_from = state.get("grounding_from")
     alphas = sched.alphas_cumprod.to(device)
     snr = alphas / (1 - alphas)
     rng = np.random.default_rng(1000 + start)
     lat_t = torch.from_numpy(latents)
     grounded = args.grounding > 0 and masks is not None
+    if grounded and grounding_from is None:
+        grounding_from = start
+    args.grounding_from = grounding_from  # the model card says from which step the attention was supervised
     keeper = KeepCrossAttention()
     patched = patch_attention(unet, {f"cross@{r}": keeper for r in GROUNDED_RESOLUTIONS}) if grounded \
         else contextlib.nullcontext()
@@ -256,7 +260,8 @@ def train_unet(unet, text_encoder, tokenizer, latents, labels, args, device, log
                     e.lerp_(p.detach(), 1 - decay)
             log("unet", step, denoise.item())
             if (step + 1) % args.ckpt_every == 0 or step + 1 == args.unet_steps:
-                save_state(ckpt, step + 1, {"ema": [e.cpu() for e in ema]}, unet=unet, text=text_encoder, opt=opt)
+                save_state(ckpt, step + 1, {"ema": [e.cpu() for e in ema], "grounding_from": grounding_from},
+                           unet=unet, text=text_encoder, opt=opt)
     with torch.no_grad():  # export the EMA weights
         for e, p in zip(ema, params):
             p.copy_(e)
