@@ -114,13 +114,13 @@ def family(pipe) -> str:
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
 
 
-def _tiny_tokenizer():
+def _tiny_tokenizer(max_length: int = 16):
     from transformers import CLIPTokenizer
 
     from .toyworld.prompts import WORDS, write_word_tokenizer
 
     words = sorted(set(WORDS) | {"photo", "of", "cat", "dog", "in", "style", "the", "watercolor", "painting"})
-    return CLIPTokenizer.from_pretrained(write_word_tokenizer(tempfile.mkdtemp(prefix="diffnb_tok_"), words, 16))
+    return CLIPTokenizer.from_pretrained(write_word_tokenizer(tempfile.mkdtemp(prefix="diffnb_tok_"), words, max_length))
 
 
 def tiny_pipeline(arch: str = "sd15", seed: int = 0):
@@ -190,3 +190,44 @@ def full_size_unet(arch: str, device="cuda", dtype=torch.float16):
     if arch not in UNET_CONFIGS:
         raise ValueError(f"unknown architecture {arch!r}; allowed: {sorted(UNET_CONFIGS)}")
     return UNet2DConditionModel(**UNET_CONFIGS[arch]).to(device, dtype)
+
+
+# The rest of a full-size pipeline (hub configs written out): SD's VAE (SDXL's has the same shape), CLIP ViT-L/14's
+# text tower, and SDXL's second one (OpenCLIP bigG). Parameter counts are checked in tests/test_models.py.
+VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                  layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32)
+TEXT_CONFIGS = {
+    "clip-l": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                   num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768),
+    "bigG": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280),
+}
+
+
+def full_size_pipeline(arch: str, device="cuda", dtype=torch.float16):
+    """A random-weight SD1.5 / SDXL pipeline with the real architectures (UNet, VAE, text encoders), for timing
+    whole methods (inversion, decoding, text encoding included). Built on `device` directly; the tokenizer is a
+    small word-level one padding to 77 tokens like CLIP's, so prompts must use its words (e.g. "a photo of a dog")."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if arch not in UNET_CONFIGS:
+        raise ValueError(f"unknown architecture {arch!r}; allowed: {sorted(UNET_CONFIGS)}")
+    tok = _tiny_tokenizer(77)
+    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    with torch.device(device):
+        unet = full_size_unet(arch, device, dtype)
+        vae = AutoencoderKL(**VAE_CONFIG, sample_size=8 * UNET_CONFIGS[arch]["sample_size"])
+        text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIGS["clip-l"], **ids))
+        if arch == "sd15":
+            pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        else:
+            text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_CONFIGS["bigG"], **ids))
+            pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, tokenizer=tok, text_encoder_2=text_2,
+                                             tokenizer_2=tok, unet=unet, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)

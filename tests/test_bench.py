@@ -11,3 +11,27 @@ def test_compare_interleaves_and_reports_the_ratio(tmp_path):
     assert calls == ["v", "m"] * 4  # warm-up of both, then alternating
     assert 2.0 < r["time_ratio"] < 4.5 and r["setting"] == "test" and (tmp_path / "r.json").exists()
     assert len(r["vanilla"]["times_s"]) == 3 and r["mem_ratio"] is None
+
+
+def load_benchmark(name: str):
+    """A script from benchmarks/ as a module (the folder is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_emerdiff_benchmark_gpu_path_runs_on_a_tiny_pipeline(tmp_path):
+    r = load_benchmark("emerdiff").main(["--tiny", "--repeats", "1", "--out", str(tmp_path / "e.json")])
+    assert (tmp_path / "e.json").exists() and r["seconds_per_segmentation"] > 0
+    assert r["time_ratio"] > 1  # 2K+1 runs from t_m plus an inversion cost more than one generation
+
+
+def test_consistory_benchmark_gpu_path_runs_on_a_tiny_pipeline(tmp_path):
+    r = load_benchmark("consistory").main(["--tiny", "--repeats", "1", "--out", str(tmp_path / "c.json")])
+    assert (tmp_path / "c.json").exists() and r["images"] == 4
+    assert r["time_ratio"] > 1  # the second pass alone costs a generation

@@ -71,3 +71,16 @@ def test_full_size_configs_match_the_real_architectures():
     assert sum(k.endswith("attn1.processor") for k in sdxl.attn_processors) == 70
     with pytest.raises(ValueError):
         full_size_unet("sd3")
+
+
+@pytest.mark.parametrize("arch, counts", [
+    ("sd15", {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}),
+    ("sdxl", {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840}),
+])
+def test_full_size_pipeline_has_the_published_parameter_counts(arch, counts):
+    from diffnb.models import full_size_pipeline
+    pipe = full_size_pipeline(arch, device="meta")  # no memory: shapes only
+    assert {k: sum(p.numel() for p in getattr(pipe, k).parameters()) for k in counts} == counts
+    assert pipe.tokenizer("a photo of a dog", padding="max_length").input_ids.__len__() == 77
+    with pytest.raises(ValueError, match="allowed"):
+        full_size_pipeline("sd2")

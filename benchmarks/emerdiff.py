@@ -1,0 +1,63 @@
+"""EmerDiff cost: one segmentation (DDIM inversion to t_m, k-means at t_f, 2K modulated runs, decoding) against one
+vanilla generation of the same size and steps, in the same process.
+
+    python benchmarks/emerdiff.py           # toy, 64², on CPU       -> benchmarks/results/emerdiff_cpu.json
+    python benchmarks/emerdiff.py --sd15    # SD1.5 architecture, 512², random weights, on CUDA (the issue's <= 5 s)
+    python benchmarks/emerdiff.py --tiny    # the --sd15 code path on a tiny pipeline (a smoke test, on CPU)
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from diffnb.bench import compare
+from diffnb.papers.emerdiff import EmerDiffArgs, segment
+
+OUT = Path(__file__).resolve().parent / "results"
+TINY_ARGS = dict(query_layer="up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+                 modulate_layer="up_blocks.1.attentions.1.transformer_blocks.0.attn2",
+                 n_segments=3, num_inference_steps=5, t_m=401)
+
+
+def run(pipe, args: EmerDiffArgs, device, repeats: int, out: Path, setting: str) -> dict:
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, pipe.unet.dtype) * 2 - 1
+    vanilla = lambda: pipe("", num_inference_steps=args.num_inference_steps, guidance_scale=1.0, height=size,
+                           width=size, generator=torch.Generator(device).manual_seed(0), output_type="np")
+    method = lambda: segment(pipe, image, args)
+    result = compare("emerdiff_segment", vanilla, method, device, repeats, None, setting=setting,
+                     n_segments=args.n_segments, steps=args.num_inference_steps, t_m=args.t_m)
+    result["seconds_per_segmentation"] = result["method"]["median_s"]
+    print(f"one segmentation: {result['seconds_per_segmentation']:.2f} s on {result['device']}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sd15", action="store_true", help="full-size SD1.5 pipeline from configs on CUDA, 512²")
+    g.add_argument("--tiny", action="store_true", help="the --sd15 code path on a tiny random pipeline, on CPU")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    if a.sd15 or a.tiny:
+        from diffnb.models import full_size_pipeline, tiny_pipeline
+        device = "cuda" if a.sd15 else "cpu"
+        pipe = full_size_pipeline("sd15", device) if a.sd15 else tiny_pipeline("sd15")
+        args = EmerDiffArgs() if a.sd15 else EmerDiffArgs(**TINY_ARGS)  # paper: 512², K=20, 50 steps, t_m=281
+        name = "emerdiff_gpu.json" if a.sd15 else "emerdiff_tiny.json"
+        return run(pipe, args, device, a.repeats, a.out or OUT / name,
+                   "SD1.5 architecture (random weights), 512², K=20, 50 DDIM steps, t_m=281, attention injection"
+                   if a.sd15 else "tiny SD1.5-shaped pipeline (smoke test of the GPU path)")
+    from diffnb.models import load_pipeline
+    pipe = load_pipeline("toy", device="cpu")
+    return run(pipe, EmerDiffArgs.for_model("toy"), "cpu", a.repeats, a.out or OUT / "emerdiff_cpu.json",
+               "toy model, 64², the notebook's settings (K=2, 20 DDIM steps, t_m=281)")
+
+
+if __name__ == "__main__":
+    main()
