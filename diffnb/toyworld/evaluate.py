@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,10 @@ def fidelity(pipe, probes: Probes, n: int = 200, **kw) -> dict[str, float]:
     pred = probes.predict(images)
     truth = {"shape": [s.objects[0].shape for s in scenes], "color": [s.objects[0].color for s in scenes],
              "background": [s.background for s in scenes]}
-    return {f"fidelity_{k}": float(np.mean([a == b for a, b in zip(pred[k], truth[k])])) for k in truth}
+    out = {f"fidelity_{k}": float(np.mean([a == b for a, b in zip(pred[k], truth[k])])) for k in truth}
+    misses = Counter(f"{t} -> {p}" for t, p in zip(truth["shape"], pred["shape"]) if t != p)
+    out["shape_confusions"] = dict(misses.most_common())  # prompted -> what the probe saw
+    return out
 
 
 def normalized_entropy(labels, classes) -> float:
@@ -201,11 +205,14 @@ def write_card(m: dict, out_dir: Path):
             lines.append(f"| {k} | {v:.3f} | {'' if bar is None else f'{sign} {bar}'} |")
             if bar is not None and not (v <= bar if k.endswith("seconds") else v >= bar):
                 unmet.append(f"{k} {v:.2f} (bar {bar})")
+    confusions = ", ".join(f"{k} ×{v}" for k, v in list(m.get("shape_confusions", {}).items())[:4])
     status = ("Every bar is met." if not unmet else
               "Below their bars: " + ", ".join(unmet) + ". The UNet loss was still falling when CPU training stopped "
-              "(see loss.png): the next step is a longer run (`python -m diffnb.toyworld.train --unet-steps N`, resumable from "
-              "its checkpoints; minutes on a GPU), and if that is not enough, a simpler world (fewer shape classes with outlines that "
-              "differ at 16×16 latents, e.g. dropping the circle/heart pair) rather than a lower bar.")
+              "(see loss.png). " + (f"The commonest shape misses (prompted -> seen): {confusions}: generated outlines "
+              "are still soft at 16×16 latents. " if confusions else "") + "The next step is a longer run "
+              "(`python -m diffnb.toyworld.train --unet-steps N`, resumable from its checkpoints; minutes on a GPU), "
+              "and if that is not enough, a simpler world (fewer shape classes, or larger objects, so that outlines "
+              "differ at 16×16 latents) rather than a lower bar.")
     (out_dir / "README.md").write_text(CARD.format(
         shapes=", ".join(SHAPES), colors=", ".join(COLORS), details=", ".join(HEADS["detail"]),
         backgrounds="/".join(BACKGROUNDS), status=status, vae_steps=cfg["vae_steps"], unet_steps=cfg.get("trained_unet_steps", cfg["unet_steps"]),
