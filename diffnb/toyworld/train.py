@@ -170,7 +170,7 @@ def save_state(path: Path, step: int, extra: dict | None = None, **objs):
 def train_vae(vae, data, args, device, log):
     ckpt = args.out / "vae.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    start, grounding_from = 0, None
+    start = 0
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device)
         vae.load_state_dict(state["vae"]), opt.load_state_dict(state["opt"])
