@@ -250,6 +250,9 @@ def train_unet(unet, text_encoder, tokenizer, latents, labels, args, device, log
                                               torch.from_numpy(masks[idx]).to(device), t < GROUNDED_MAX_T)
                 loss = loss + args.grounding * (token + 0.5 * pixel)
                 log("grounding", step, token.item())
+            if args.cooldown_from is not None and step >= args.cooldown_from:  # linear decay to 0 at the last step
+                for g in opt.param_groups:
+                    g["lr"] = args.lr * (args.unet_steps - step) / max(1, args.unet_steps - args.cooldown_from)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -321,6 +324,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--ckpt-every", type=int, default=250)
+    p.add_argument("--cooldown-from", type=int, default=None,
+                   help="decay the learning rate linearly from this UNet step to 0 at --unet-steps")
     p.add_argument("--grounding", type=float, default=0.01,
                    help="weight of the cross-attention grounding loss (0: plain denoising loss)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
