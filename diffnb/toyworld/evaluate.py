@@ -165,7 +165,7 @@ shape (15 %), colour (25 %) and background (30 %) are dropped at random and 10 %
 ## Training
 `python -m diffnb.toyworld.train` (config in `training_config.json`, loss curve in `loss.png`): VAE
 {vae_steps} steps, then UNet + text encoder {unet_steps} steps at batch {batch} on precomputed latents, AdamW
-lr {lr}, min-SNR-5 weighting, EMA 0.999 (exported). Device: {device}.
+lr {lr}{cooldown}, min-SNR-5 weighting, EMA 0.999 (exported). Device: {device}.
 {grounding}
 
 ## Measured (`python -m diffnb.toyworld.evaluate`, held-out prompts and seeds)
@@ -216,7 +216,8 @@ def write_card(m: dict, out_dir: Path):
     (out_dir / "README.md").write_text(CARD.format(
         shapes=", ".join(SHAPES), colors=", ".join(COLORS), details=", ".join(HEADS["detail"]),
         backgrounds="/".join(BACKGROUNDS), status=status, vae_steps=cfg["vae_steps"], unet_steps=cfg.get("trained_unet_steps", cfg["unet_steps"]),
-        batch=cfg["batch"], lr=cfg["lr"], grounding=grounding_note(cfg), device=cfg.get("device", "cpu"), table="\n".join(lines),
+        batch=cfg["batch"], lr=cfg["lr"], grounding=grounding_note(cfg),
+        cooldown=f" (decayed linearly to 0 from step {cfg['cooldown_from']:,})" if cfg.get("cooldown_from") else "", device=cfg.get("device", "cpu"), table="\n".join(lines),
         probe={k: round(v, 3) for k, v in (m["probe_heldout_accuracy"] or {}).items()}))
 
 
