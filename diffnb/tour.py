@@ -1,5 +1,7 @@
 """`make tour`: execute every notebook, keep executed copies (+ HTML) under build/, refresh figures/,
-and print one table of the claims the notebooks measured."""
+and print one table of the claims the notebooks measured.
+
+`python -m diffnb.tour 01 04` re-runs only the notebooks with those numbers; the other claims are kept."""
 from __future__ import annotations
 
 import json
@@ -12,19 +14,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     import nbformat
     from nbconvert import HTMLExporter
     from nbconvert.preprocessors import ExecutePreprocessor
 
     build = ROOT / "build" / "tour"
     results = build / "results"
-    shutil.rmtree(results, ignore_errors=True)
-    results.mkdir(parents=True)
+    only = sys.argv[1:] if argv is None else argv
+    notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        if unknown := set(only) - {p.name[:2] for p in notebooks}:
+            raise SystemExit(f"no notebook numbered {sorted(unknown)}; known: {[p.name[:2] for p in notebooks]}")
+        notebooks = [p for p in notebooks if p.name[:2] in only]
+        for p in notebooks:
+            (results / f"{p.stem}.jsonl").unlink(missing_ok=True)
+    else:
+        shutil.rmtree(results, ignore_errors=True)
+    results.mkdir(parents=True, exist_ok=True)
     os.environ["DIFFNB_RESULTS"] = str(results)
     os.environ["DIFFNB_FIGURES"] = str(ROOT / "figures")
     failed = []
-    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+    for path in notebooks:
         nb = nbformat.read(path, as_version=4)
         start = time.time()
         try:
