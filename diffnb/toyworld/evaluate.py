@@ -206,7 +206,13 @@ def write_card(m: dict, out_dir: Path):
             if bar is not None and not (v <= bar if k.endswith("seconds") else v >= bar):
                 unmet.append(f"{k} {v:.2f} (bar {bar})")
     confusions = ", ".join(f"{k} ×{v}" for k, v in list(m.get("shape_confusions", {}).items())[:4])
-    status = ("Every bar is met." if not unmet else
+    n = m.get("n_fidelity", 200)
+    closest = min((k for k in m if k.startswith("fidelity_")), key=lambda k: m[k] - BARS[k], default=None)
+    se = lambda v: (v * (1 - v) / n) ** 0.5
+    met_note = "Every bar is met." + (
+        f" The closest is {closest}: {m[closest]:.3f} against {BARS[closest]} over {n} generations (binomial standard "
+        f"error {se(m[closest]):.3f}), so that one is met narrowly." if closest and m[closest] - BARS[closest] < 2 * se(m[closest]) else "")
+    status = (met_note if not unmet else
               "Below their bars: " + ", ".join(unmet) + ". The UNet loss was still falling when CPU training stopped "
               "(see loss.png). " + (f"The commonest shape misses (prompted -> seen): {confusions}: generated outlines "
               "are still soft at 16×16 latents. " if confusions else "") + "The next step is a longer run "
