@@ -6,12 +6,11 @@ injection) against the vanilla pipeline on the same 4 prompts and seeds, in the 
     python benchmarks/consistory.py --sdxl     # SDXL architecture, 1024², 4 images, random weights, CUDA (<= 2.3x)
     python benchmarks/consistory.py --tiny     # the --sdxl code path on a tiny SDXL-shaped pipeline (smoke test)
 """
-import argparse
 from pathlib import Path
 
 import torch
 
-from diffnb.bench import compare
+from diffnb.bench import benchmark_parser, compare
 from diffnb.papers.consistory import ABLATIONS, generate
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -31,13 +30,8 @@ def run(pipe, prompts, subject, device, steps, mask_res, repeats, out, setting) 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--sdxl", action="store_true", help="full-size SDXL pipeline from configs on CUDA, 1024²")
-    g.add_argument("--tiny", action="store_true", help="the --sdxl code path on a tiny random pipeline, on CPU")
+    p = benchmark_parser("sdxl", "full-size SDXL pipeline from configs on CUDA, 1024²")
     p.add_argument("--steps", type=int, default=None, help="default: 50 (official) on SDXL, 20 on the toy, 4 tiny")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
     if a.sdxl or a.tiny:

@@ -5,13 +5,12 @@ vanilla generation of the same size and steps, in the same process.
     python benchmarks/emerdiff.py --sd15    # SD1.5 architecture, 512², random weights, on CUDA (the issue's <= 5 s)
     python benchmarks/emerdiff.py --tiny    # the --sd15 code path on a tiny pipeline (a smoke test, on CPU)
 """
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
-from diffnb.bench import compare
+from diffnb.bench import benchmark_parser, compare
 from diffnb.papers.emerdiff import EmerDiffArgs, segment
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -36,12 +35,7 @@ def run(pipe, args: EmerDiffArgs, device, repeats: int, out: Path, setting: str)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--sd15", action="store_true", help="full-size SD1.5 pipeline from configs on CUDA, 512²")
-    g.add_argument("--tiny", action="store_true", help="the --sd15 code path on a tiny random pipeline, on CPU")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=None)
+    p = benchmark_parser("sd15", "full-size SD1.5 pipeline from configs on CUDA, 512²")
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
     if a.sd15 or a.tiny:

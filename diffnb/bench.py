@@ -1,6 +1,7 @@
 """Time a method against the vanilla pipeline in the same process: warm-up, repeats, medians, a ratio."""
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -56,3 +57,15 @@ def compare(name: str, vanilla, method, device="cpu", repeats: int = 3, out: Pat
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=1))
     return result
+
+
+def benchmark_parser(gpu_flag: str, gpu_help: str) -> argparse.ArgumentParser:
+    """The shared CLI of benchmarks/*.py: a GPU flag, --tiny (that flag's code path on a tiny pipeline, on CPU,
+    so the tests can run it), --repeats and --out."""
+    p = argparse.ArgumentParser()
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(f"--{gpu_flag}", action="store_true", help=gpu_help)
+    g.add_argument("--tiny", action="store_true", help=f"the --{gpu_flag} code path on a tiny random pipeline, on CPU")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None)
+    return p
