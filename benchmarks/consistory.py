@@ -29,11 +29,11 @@ def run(pipe, prompts, subject, device, steps, mask_res, repeats, out, setting) 
                    images=len(prompts))
 
 
+@torch.no_grad()  # not set_grad_enabled: tests call main() and must get grad mode back
 def main(argv=None):
     p = benchmark_parser("sdxl", "full-size SDXL pipeline from configs on CUDA, 1024²")
     p.add_argument("--steps", type=int, default=None, help="default: 50 (official) on SDXL, 20 on the toy, 4 tiny")
     a = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     if a.sdxl or a.tiny:
         from diffnb.models import full_size_pipeline, tiny_pipeline
         device = "cuda" if a.sdxl else "cpu"

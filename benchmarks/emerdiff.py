@@ -34,10 +34,10 @@ def run(pipe, args: EmerDiffArgs, device, repeats: int, out: Path, setting: str)
     return result
 
 
+@torch.no_grad()  # not set_grad_enabled: tests call main() and must get grad mode back
 def main(argv=None):
     p = benchmark_parser("sd15", "full-size SD1.5 pipeline from configs on CUDA, 512²")
     a = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     if a.sd15 or a.tiny:
         from diffnb.models import full_size_pipeline, tiny_pipeline
         device = "cuda" if a.sd15 else "cpu"

