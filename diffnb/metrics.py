@@ -28,7 +28,7 @@ def otsu_threshold(values) -> float:
 
 def otsu_mask(heat) -> np.ndarray:
     """Binary mask of a heat map thresholded with Otsu's method."""
-    h = _np(heat).astype(np.float64)
+    h = _np(heat)
     return h > otsu_threshold(h)
 
 

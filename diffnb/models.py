@@ -114,6 +114,10 @@ def family(pipe) -> str:
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
 
 
+SD_DDIM = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+               set_alpha_to_one=False, steps_offset=1)  # Stable Diffusion's DDIM settings
+
+
 def _tiny_tokenizer(max_length: int = 16):
     from transformers import CLIPTokenizer
 
@@ -141,8 +145,7 @@ def tiny_pipeline(arch: str = "sd15", seed: int = 0):
                     projection_dim=32)
     vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32)
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
+    sched = DDIMScheduler(**SD_DDIM)
     common = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8)
     if arch == "sd15":
         unet = UNet2DConditionModel(
@@ -216,8 +219,7 @@ def full_size_pipeline(arch: str, device="cuda", dtype=torch.float16):
         raise ValueError(f"unknown architecture {arch!r}; allowed: {sorted(UNET_CONFIGS)}")
     tok = _tiny_tokenizer(77)
     ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
+    sched = DDIMScheduler(**SD_DDIM)
     with torch.device(device):
         unet = full_size_unet(arch, device, dtype)
         vae = AutoencoderKL(**VAE_CONFIG, sample_size=8 * UNET_CONFIGS[arch]["sample_size"])

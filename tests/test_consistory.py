@@ -127,8 +127,7 @@ def test_cached_anchors_reproduce_the_batch(tiny, ablation):
     assert isinstance(anchors, AnchorCache) and anchors.kv and (anchors.out if args.inject else True)
     new = generate(tiny, PROMPTS[2:], "heart", args, seeds=[12, 13], anchors=anchors, **kw)
     assert np.abs(anchors.images - batch.images[:2]).max() < 1e-4
-    # batch size changes float32 GEMM blocking: identical up to rounding noise, far below one 8-bit level (0.004)
-    assert np.abs(new.images - batch.images[2:]).max() < 1e-3
+    assert np.abs(new.images - batch.images[2:]).max() < 1e-4
     vanilla = generate(tiny, PROMPTS, "heart", ABLATIONS["vanilla"], seeds=[10, 11, 12, 13], **kw)
     assert np.abs(vanilla.images[2:] - batch.images[2:]).max() > 1e-3  # the anchors really acted
     alone = generate(tiny, PROMPTS[2:], "heart", args, seeds=[12, 13], n_anchors=2, **kw)

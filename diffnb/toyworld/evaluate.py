@@ -39,7 +39,7 @@ def generate(pipe, prompts, seeds, batch: int = 25, **kw) -> np.ndarray:
     return np.concatenate(out)
 
 
-def fidelity(pipe, probes: Probes, n: int = 200, **kw) -> dict[str, float]:
+def fidelity(pipe, probes: Probes, n: int = 200, **kw) -> dict:
     """Probe accuracy on generations whose held-out prompts name shape, colour and background."""
     scenes = [random_scene(scene_rng("heldout", 10_000 + i), n_objects=1) for i in range(n)]
     images = generate(pipe, [describe(s) for s in scenes], [10_000 + i for i in range(n)], **kw)
