@@ -11,20 +11,19 @@ from pathlib import Path
 import torch
 
 from diffnb.bench import benchmark_parser, compare
-from diffnb.papers.consistory import ABLATIONS, generate
+from diffnb.papers.consistory import ConsiStoryArgs, generate
 
 OUT = Path(__file__).resolve().parent / "results"
 
 
-def run(pipe, prompts, subject, device, steps, mask_res, repeats, out, setting) -> dict:
+def run(pipe, prompts, subject, device, steps, args, repeats, out, setting) -> dict:
     seeds = list(range(len(prompts)))
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     shape = (1, pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     latents = latents.to(device, pipe.unet.dtype)
     vanilla = lambda: pipe(prompts, latents=latents, num_inference_steps=steps, guidance_scale=5.0, output_type="np")
-    method = lambda: generate(pipe, prompts, subject, ABLATIONS["full"], seeds=seeds, num_inference_steps=steps,
-                              guidance_scale=5.0, mask_resolutions=mask_res)
+    method = lambda: generate(pipe, prompts, subject, args, seeds=seeds, num_inference_steps=steps, guidance_scale=5.0)
     return compare("consistory_full", vanilla, method, device, repeats, out, setting=setting, steps=steps,
                    images=len(prompts))
 
@@ -40,15 +39,17 @@ def main(argv=None):
         pipe = full_size_pipeline("sdxl", device) if a.sdxl else tiny_pipeline("sdxl")
         prompts = ["a photo of a dog", "a dog on a striped background", "a watercolor painting of a dog",
                    "a dog in the style of a painting"]  # words of the stand-in tokenizer
-        return run(pipe, prompts, "dog", device, a.steps or (50 if a.sdxl else 4), (32,) if a.sdxl else None,
-                   a.repeats, a.out or OUT / ("consistory_gpu.json" if a.sdxl else "consistory_tiny.json"),
+        args = ConsiStoryArgs.for_model("sdxl", **({} if a.sdxl else {"mask_resolutions": None}))  # tiny: no 32x32
+        return run(pipe, prompts, "dog", device, a.steps or (50 if a.sdxl else 4), args, a.repeats,
+                   a.out or OUT / ("consistory_gpu.json" if a.sdxl else "consistory_tiny.json"),
                    "SDXL architecture (random weights), 1024², 4 images, CFG 5, official masks (32x32)"
                    if a.sdxl else "tiny SDXL-shaped pipeline (smoke test of the GPU path)")
     from diffnb.models import load_pipeline
     pipe = load_pipeline("toy", device="cpu")
     prompts = [f"a heart on a {bg} background" for bg in ("striped", "dotted", "checkered", "plain")]
-    return run(pipe, prompts, "heart", "cpu", a.steps or 20, (16,), a.repeats, a.out or OUT / "consistory_cpu.json",
-               "toy model, 64², 4 images, 20 DDIM steps, CFG 5, 16x16 masks")
+    return run(pipe, prompts, "heart", "cpu", a.steps or 20, ConsiStoryArgs.for_model("toy"), a.repeats,
+               a.out or OUT / "consistory_cpu.json", "toy model, 64², 4 images, 20 DDIM steps, CFG 5, the toy's settings "
+               "(ConsiStoryArgs.for_model('toy'): every self-attention layer, all images share, 16x16 masks)")
 
 
 if __name__ == "__main__":

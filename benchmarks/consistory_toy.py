@@ -2,9 +2,10 @@
 
 Each set is 4 prompts "a <shape> on a <style> background" (one per background style): the subject word is the
 shape; its colour and detail are never named, so only shared identity can make them agree across the set.
+Two ladders: the toy-scaled settings (`ConsiStoryArgs.for_model("toy")`) and the official ones ("official/...").
 Also: subject-mask IoU against ground truth on DDIM-inverted held-out renders (generations have no ground truth).
 
-    python benchmarks/consistory_toy.py --sets 3 --start 0      # -> benchmarks/results/consistory_toy_0.json
+    python benchmarks/consistory_toy.py --sets 24 --start 200      # -> benchmarks/results/consistory_toy_200.json
 """
 import argparse
 import json
@@ -16,16 +17,15 @@ import numpy as np
 import torch
 
 from diffnb.models import load_pipeline
-from diffnb.papers.consistory import ABLATIONS, generate, toy_mask_iou, toy_scores
+from diffnb.papers.consistory import ABLATIONS, ConsiStoryArgs, generate, ladder, toy_mask_iou, toy_scores
 from diffnb.toyworld import SHAPES
 from diffnb.toyworld.probes import Probes
 from diffnb.viz import to_uint8
 
 OUT = Path(__file__).resolve().parent / "results"
 BGS = ("striped", "dotted", "checkered", "plain")
-# not the paper's setting: SDSA in every self-attention layer (down, mid, up), to see where identity is decided
-VARIANTS = {**ABLATIONS, "sdsa_all_layers": replace(ABLATIONS["sdsa"], share_layers="self"),
-            "full_all_layers": replace(ABLATIONS["full"], share_layers="self")}
+VARIANTS = {**ladder(ConsiStoryArgs.for_model("toy")),
+            **{f"official/{k}": replace(v, mask_resolutions=(16,)) for k, v in ABLATIONS.items() if k != "vanilla"}}
 
 
 def main():
@@ -33,15 +33,17 @@ def main():
     p.add_argument("--sets", type=int, default=3)
     p.add_argument("--start", type=int, default=0, help="first set index (seeds and shapes follow from it)")
     p.add_argument("--iou", type=int, default=0, help="also measure mask IoU on this many inverted renders")
-    p.add_argument("--ablations", default=",".join(ABLATIONS))
+    p.add_argument("--ablations", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
     a = p.parse_args()
+    if unknown := set(a.ablations.split(",")) - set(VARIANTS):
+        p.error(f"unknown ablations {sorted(unknown)}; allowed: {list(VARIANTS)}")
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     pipe, probes = load_pipeline("toy", device="cpu"), Probes()
     result = {"setting": "toy model, 64px, 20 DDIM steps, CFG 5, sets of 4 prompts (one per background)",
               "sets": a.sets, "start": a.start, "ablations": {}}
     for name in a.ablations.split(","):
-        images, prompts, secs = [], [], 0.0
+        images, prompts, masks, secs = [], [], [], 0.0
         for s in range(a.start, a.start + a.sets):
             shape = SHAPES[s % len(SHAPES)]
             ps = [f"a {shape} on a {bg} background" for bg in BGS]
@@ -50,7 +52,8 @@ def main():
             secs += time.perf_counter() - t
             images.append(to_uint8(out.images))
             prompts.append(ps)
-        scores = toy_scores(np.stack(images), prompts, probes)
+            masks.append(out.masks[16].numpy())
+        scores = toy_scores(np.stack(images), prompts, probes, np.stack(masks))
         result["ablations"][name] = {**scores, "seconds_per_set": secs / a.sets}
         print(name, {k: round(v, 3) for k, v in result["ablations"][name].items()}, flush=True)
     plain = []  # the plain pipeline, no processors at all: the time-ratio baseline

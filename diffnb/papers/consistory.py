@@ -63,13 +63,31 @@ class ConsiStoryArgs:
         if self.mask_window < 1:
             raise ValueError(f"mask_window must be >= 1, got {self.mask_window}")
 
+    @classmethod
+    def for_model(cls, name: str, **overrides) -> "ConsiStoryArgs":
+        """The full method's settings for a registry model: the official ones on sdxl / sd15, scaled on the toy.
 
-ABLATIONS = {  # the paper's ablation ladder
-    "vanilla": ConsiStoryArgs(sdsa=False, mask_dropout=0.0, query_mix_fraction=0.0),
-    "sdsa": ConsiStoryArgs(mask_dropout=0.0, query_mix_fraction=0.0),
-    "sdsa+diversity": ConsiStoryArgs(),
-    "full": ConsiStoryArgs(inject=True),
-}
+        Only the structure is scaled; dropout, query mixing and injection keep the official values. The toy has 7
+        self-attention layers in all (SDXL's decoder alone has 36), so SDSA shares in every one of them, and all 4
+        images of a set share with each other (the paper's SDSA; anchors are its optimisation for large sets).
+        With the official structure the toy shows no gain (`benchmarks/consistory_toy.py`, "official/...").
+        """
+        base = {"toy": dict(share_layers="self", n_anchors=None, mask_resolutions=(16,)),
+                "sdxl": dict(mask_resolutions=(32,)), "sd15": {}}.get(name)
+        if base is None:
+            raise ValueError(f"no ConsiStory defaults for {name!r}; known: toy, sdxl, sd15 (pass ConsiStoryArgs(...))")
+        return replace(cls(), inject=True, **{**base, **overrides})
+
+
+def ladder(full: ConsiStoryArgs) -> dict[str, ConsiStoryArgs]:
+    """The paper's ablation ladder down from the full method's settings: vanilla, SDSA alone, + dropout and
+    query mixing, + feature injection (full). Vanilla still tracks the subject masks (no image changes)."""
+    sdsa = replace(full, sdsa=True, inject=False, mask_dropout=0.0, query_mix_fraction=0.0)
+    return {"vanilla": replace(sdsa, sdsa=False), "sdsa": sdsa, "sdsa+diversity": replace(full, sdsa=True, inject=False),
+            "full": replace(full, sdsa=True, inject=True)}
+
+
+ABLATIONS = ladder(ConsiStoryArgs(inject=True))  # the paper's ladder with the official settings
 
 
 @dataclass
@@ -384,12 +402,40 @@ def generate(pipe, prompts: list[str], subject_words: list[str] | str, args: Con
     return ConsiStoryOutput(images, masks, run.masks_per_step, cache)
 
 
-def toy_scores(images, prompts, probes) -> dict[str, float]:
+def subject_similarity(images, masks, probes, fill: float = 0.5) -> float:
+    """Mean pairwise cosine similarity, inside each set, of the probe's features of the subject alone.
+
+    The paper's DINO similarity after background removal, on the toy: every pixel outside the image's subject mask
+    becomes grey before the probe embeds it. images (sets, n, H, W, 3) uint8; masks (sets, n, r, r) bool.
+    """
+    images, masks = np.asarray(images), torch.as_tensor(np.asarray(masks))
+    sets, n, size = images.shape[0], images.shape[1], images.shape[2]
+    if masks.shape[:2] != (sets, n):
+        raise ValueError(f"masks must be (sets, n, r, r) matching images {images.shape[:2]}, got {tuple(masks.shape)}")
+    keep = F.interpolate(masks.flatten(0, 1)[:, None].float(), size=(size, size), mode="nearest")[:, 0, ..., None]
+    x = torch.from_numpy(images.reshape(-1, *images.shape[2:])).float() / 255
+    f = F.normalize(probes.features(torch.where(keep > 0, x, torch.full_like(x, fill))), dim=-1).view(sets, n, -1)
+    sim = f @ f.transpose(1, 2)
+    i, j = torch.triu_indices(n, n, 1)
+    return float(sim[:, i, j].mean())
+
+
+def layout_overlap(masks) -> float:
+    """Mean pairwise IoU of the subject masks inside each set: 1 = every subject in the same place and size (the
+    layout collapse that dropout and query mixing are there to prevent). masks (sets, n, r, r) bool."""
+    m = torch.as_tensor(np.asarray(masks)).flatten(2).float()
+    inter, area = m @ m.transpose(1, 2), m.sum(-1)
+    i, j = torch.triu_indices(m.shape[1], m.shape[1], 1)
+    return float((inter[:, i, j] / (area[:, i] + area[:, j] - inter[:, i, j]).clamp(min=1)).mean())
+
+
+def toy_scores(images, prompts, probes, masks=None) -> dict[str, float]:
     """Identity consistency and prompt fidelity of toy sets, by the probes.
 
     images: (sets, n, H, W, 3) uint8; prompts: (sets, n). Agreements are over all pairs inside a set of the
     probe's prediction for an attribute; `detail` is never named by the grammar, `color` only when the prompt
     names it (then its agreement is fidelity, not identity). background/shape accuracy: probe vs prompt.
+    With the subject masks (sets, n, r, r), also `subject_similarity` and `layout_overlap` (see there).
     """
     from ..toyworld.prompts import BG_WORD
     from ..toyworld.world import SHAPES
@@ -410,7 +456,9 @@ def toy_scores(images, prompts, probes) -> dict[str, float]:
                               for s in range(sets) for i, j in pairs]))
     return {"detail_agreement": agree(pred["detail"]), "color_agreement": agree(pred["color"]),
             "identity_agreement": identity, "shape_agreement": agree(pred["shape"]),
-            "background_accuracy": acc(bg, pred["background"]), "shape_accuracy": acc(shp, pred["shape"])}
+            "background_accuracy": acc(bg, pred["background"]), "shape_accuracy": acc(shp, pred["shape"]),
+            **({} if masks is None else {"subject_similarity": subject_similarity(images, masks, probes),
+                                         "layout_overlap": layout_overlap(masks)})}
 
 
 @torch.no_grad()

@@ -72,6 +72,12 @@ class Probes:
         out = [self.net(x[i:i + 256]) for i in range(0, len(x), 256)]
         return {k: torch.cat([o[k] for o in out]).softmax(-1).numpy() for k in HEADS}
 
+    @torch.no_grad()
+    def features(self, images) -> torch.Tensor:
+        """(B, 128) pooled features of the shared body: an embedding of what the heads read, for similarities."""
+        x = _batch(images)
+        return torch.cat([self.net.body(x[i:i + 256]) for i in range(0, len(x), 256)])
+
     def predict(self, images) -> dict[str, list[str]]:
         return {k: [HEADS[k][i] for i in p.argmax(-1)] for k, p in self.probabilities(images).items()}
 
