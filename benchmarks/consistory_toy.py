@@ -6,6 +6,7 @@ Two ladders: the toy-scaled settings (`ConsiStoryArgs.for_model("toy")`) and the
 Also: subject-mask IoU against ground truth on DDIM-inverted held-out renders (generations have no ground truth).
 
     python benchmarks/consistory_toy.py --sets 24 --start 200      # -> benchmarks/results/consistory_toy_200.json
+    python benchmarks/consistory_toy.py --sets 24 --start 200 --dropout-sweep   # -> ..._200_dropout.json
 """
 import argparse
 import json
@@ -26,6 +27,8 @@ OUT = Path(__file__).resolve().parent / "results"
 BGS = ("striped", "dotted", "checkered", "plain")
 VARIANTS = {**ladder(ConsiStoryArgs.for_model("toy")),
             **{f"official/{k}": replace(v, mask_resolutions=(16,)) for k, v in ABLATIONS.items() if k != "vanilla"}}
+# the paper's knob between consistency and layout variation (official 0.5): the full method at other dropouts
+DROPOUTS = {f"full, dropout {p}": replace(VARIANTS["full"], mask_dropout=p) for p in (0.0, 0.1, 0.2, 0.3)}
 
 
 def main():
@@ -34,21 +37,23 @@ def main():
     p.add_argument("--start", type=int, default=0, help="first set index (seeds and shapes follow from it)")
     p.add_argument("--iou", type=int, default=0, help="also measure mask IoU on this many inverted renders")
     p.add_argument("--ablations", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    p.add_argument("--dropout-sweep", action="store_true", help=f"run {list(DROPOUTS)} instead of --ablations")
     a = p.parse_args()
-    if unknown := set(a.ablations.split(",")) - set(VARIANTS):
+    names = list(DROPOUTS) if a.dropout_sweep else a.ablations.split(",")
+    if unknown := set(names) - set(VARIANTS) - set(DROPOUTS):
         p.error(f"unknown ablations {sorted(unknown)}; allowed: {list(VARIANTS)}")
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     pipe, probes = load_pipeline("toy", device="cpu"), Probes()
     result = {"setting": "toy model, 64px, 20 DDIM steps, CFG 5, sets of 4 prompts (one per background)",
               "sets": a.sets, "start": a.start, "ablations": {}}
-    for name in a.ablations.split(","):
+    for name in names:
         images, prompts, masks, secs = [], [], [], 0.0
         for s in range(a.start, a.start + a.sets):
             shape = SHAPES[s % len(SHAPES)]
             ps = [f"a {shape} on a {bg} background" for bg in BGS]
             t = time.perf_counter()
-            out = generate(pipe, ps, shape, VARIANTS[name], seeds=[1000 * s + j for j in range(4)])
+            out = generate(pipe, ps, shape, {**VARIANTS, **DROPOUTS}[name], seeds=[1000 * s + j for j in range(4)])
             secs += time.perf_counter() - t
             images.append(to_uint8(out.images))
             prompts.append(ps)
@@ -70,7 +75,7 @@ def main():
         result["mask_iou"] = toy_mask_iou(pipe, a.iou, a.start)
         print("mask IoU", result["mask_iou"], flush=True)
     OUT.mkdir(exist_ok=True)
-    path = OUT / f"consistory_toy_{a.start}.json"
+    path = OUT / f"consistory_toy_{a.start}{'_dropout' if a.dropout_sweep else ''}.json"
     path.write_text(json.dumps(result, indent=1))
     print("wrote", path)
 
