@@ -9,7 +9,6 @@ Also: subject-mask IoU against ground truth on DDIM-inverted held-out renders (g
     python benchmarks/consistory_toy.py --sets 24 --start 200 --dropout-sweep   # -> ..._200_dropout.json
 """
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffnb.bench import save_result
 from diffnb.models import load_pipeline
 from diffnb.papers.consistory import ABLATIONS, ConsiStoryArgs, generate, ladder, toy_mask_iou, toy_scores
 from diffnb.toyworld import SHAPES
@@ -74,10 +74,7 @@ def main():
     if a.iou:
         result["mask_iou"] = toy_mask_iou(pipe, a.iou, a.start)
         print("mask IoU", result["mask_iou"], flush=True)
-    OUT.mkdir(exist_ok=True)
-    path = OUT / f"consistory_toy_{a.start}{'_dropout' if a.dropout_sweep else ''}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print("wrote", path)
+    save_result(result, OUT / f"consistory_toy_{a.start}{'_dropout' if a.dropout_sweep else ''}.json")
 
 
 if __name__ == "__main__":

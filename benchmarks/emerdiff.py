@@ -5,12 +5,11 @@ vanilla generation of the same size and steps, in the same process.
     python benchmarks/emerdiff.py --sd15    # SD1.5 architecture, 512², random weights, on CUDA (the issue's <= 5 s)
     python benchmarks/emerdiff.py --tiny    # the --sd15 code path on a tiny pipeline (a smoke test, on CPU)
 """
-import json
 from pathlib import Path
 
 import torch
 
-from diffnb.bench import benchmark_parser, compare
+from diffnb.bench import benchmark_parser, compare, save_result
 from diffnb.papers.emerdiff import EmerDiffArgs, segment
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -29,8 +28,7 @@ def run(pipe, args: EmerDiffArgs, device, repeats: int, out: Path, setting: str)
                      n_segments=args.n_segments, steps=args.num_inference_steps, t_m=args.t_m)
     result["seconds_per_segmentation"] = result["method"]["median_s"]
     print(f"one segmentation: {result['seconds_per_segmentation']:.2f} s on {result['device']}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    save_result(result, out)
     return result
 
 

@@ -6,13 +6,13 @@ unless a variant fixes it. Every variant is an `EmerDiffArgs` change, nothing ou
     python benchmarks/emerdiff_toy.py --renders 20      # -> benchmarks/results/emerdiff_toy.json
 """
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffnb.bench import save_result
 from diffnb.models import load_pipeline
 from diffnb.papers.emerdiff import EmerDiffArgs, hungarian_miou, segment, upsample_labels
 from diffnb.toyworld import ToyDataset
@@ -56,9 +56,7 @@ def main(argv=None):
             base.append(hungarian_miou(upsample_labels(out.lowres, r.image.shape[0], args.n_segments), r.masks))
         result["variants"][name] = {"emerdiff_miou": float(np.mean(emer)), "baseline_miou": float(np.mean(base))}
         print(f"{name:40s} EmerDiff {np.mean(emer):.3f}   upsampled k-means {np.mean(base):.3f}", flush=True)
-    a.out.parent.mkdir(exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=1))
-    print("wrote", a.out)
+    save_result(result, a.out)
     return result
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from diffnb.bench import save_result
 from diffnb.models import load_pipeline
 from diffnb.papers import hyperfeatures as hf
 
@@ -102,8 +103,7 @@ def main():
     print(f"loss {report['loss_first_50']:.3f} -> {report['loss_last_50']:.3f} in {len(losses)} steps; "
           f"times {json.dumps({k: round(v, 1) for k, v in report['seconds'].items()})}")
     print("mixing weights (steps x layers):\n", w.numpy().round(3))
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / a.out).write_text(json.dumps(report, indent=1))
+    save_result(report, OUT / a.out)
 
 
 if __name__ == "__main__":

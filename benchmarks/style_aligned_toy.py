@@ -7,12 +7,12 @@ numbers show how much the notebook's depend on the sets drawn.
     python benchmarks/style_aligned_toy.py --sets 24      # -> benchmarks/results/style_aligned_toy.json
 """
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from diffnb.bench import save_result
 from diffnb.models import load_pipeline
 from diffnb.nb import generator
 from diffnb.papers.style_aligned import StyleAlignedArgs, generate, toy_scores
@@ -59,9 +59,7 @@ def main(argv=None):
         s["shape_ratio"] = s["shape_accuracy"] / base["shape_accuracy"]
         result["variants"][name] = s
         print(f"{name:42s} {s['style_agreement']:6.2f} {s['shape_ratio']:12.2f} {s['content_leak']:6.2f}", flush=True)
-    a.out.parent.mkdir(exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=1))
-    print("wrote", a.out)
+    save_result(result, a.out)
     return result
 
 

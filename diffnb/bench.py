@@ -54,9 +54,17 @@ def compare(name: str, vanilla, method, device="cpu", repeats: int = 3, out: Pat
               "mem_ratio": (meth["peak_mem_mb"] / base["peak_mem_mb"]) if base["peak_mem_mb"] else None, **info}
     print(f"{name}: vanilla {base['median_s']:.3f} s, method {meth['median_s']:.3f} s, ratio {result['time_ratio']:.2f}x on {dev}")
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1))
+        save_result(result, out)
     return result
+
+
+def save_result(result: dict, path: Path | str) -> Path:
+    """Write a benchmark's result as indented JSON (folders made as needed) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print("wrote", path)
+    return path
 
 
 def benchmark_parser(gpu_flag: str, gpu_help: str) -> argparse.ArgumentParser:
