@@ -31,19 +31,19 @@ VARIANTS = {**ladder(ConsiStoryArgs.for_model("toy")),
 DROPOUTS = {f"full, dropout {p}": replace(VARIANTS["full"], mask_dropout=p) for p in (0.0, 0.1, 0.2, 0.3)}
 
 
-def main():
+@torch.no_grad()  # not set_grad_enabled: tests call main() and must get grad mode back
+def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--sets", type=int, default=3)
     p.add_argument("--start", type=int, default=0, help="first set index (seeds and shapes follow from it)")
     p.add_argument("--iou", type=int, default=0, help="also measure mask IoU on this many inverted renders")
     p.add_argument("--ablations", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
     p.add_argument("--dropout-sweep", action="store_true", help=f"run {list(DROPOUTS)} instead of --ablations")
-    a = p.parse_args()
+    p.add_argument("--out", type=Path, default=None, help="default: results/consistory_toy_<start>[_dropout].json")
+    a = p.parse_args(argv)
     names = list(DROPOUTS) if a.dropout_sweep else a.ablations.split(",")
     if unknown := set(names) - set(VARIANTS) - set(DROPOUTS):
         p.error(f"unknown ablations {sorted(unknown)}; allowed: {list(VARIANTS)}")
-    torch.set_num_threads(1)
-    torch.set_grad_enabled(False)
     pipe, probes = load_pipeline("toy", device="cpu"), Probes()
     result = {"setting": "toy model, 64px, 20 DDIM steps, CFG 5, sets of 4 prompts (one per background)",
               "sets": a.sets, "start": a.start, "ablations": {}}
@@ -74,8 +74,10 @@ def main():
     if a.iou:
         result["mask_iou"] = toy_mask_iou(pipe, a.iou, a.start)
         print("mask IoU", result["mask_iou"], flush=True)
-    save_result(result, OUT / f"consistory_toy_{a.start}{'_dropout' if a.dropout_sweep else ''}.json")
+    save_result(result, a.out or OUT / f"consistory_toy_{a.start}{'_dropout' if a.dropout_sweep else ''}.json")
+    return result
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # the results were measured on one thread (two runs shared the two cores)
     main()

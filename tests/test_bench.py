@@ -1,6 +1,9 @@
 import time
 
+import pytest
+
 from diffnb.bench import compare
+from diffnb.models import toy_is_trained
 
 
 def test_compare_interleaves_and_reports_the_ratio(tmp_path):
@@ -35,3 +38,15 @@ def test_consistory_benchmark_gpu_path_runs_on_a_tiny_pipeline(tmp_path):
     r = load_benchmark("consistory").main(["--tiny", "--repeats", "1", "--out", str(tmp_path / "c.json")])
     assert (tmp_path / "c.json").exists() and r["images"] == 4
     assert r["time_ratio"] > 1  # the second pass alone costs a generation
+
+
+@pytest.mark.skipif(not toy_is_trained(), reason="toy model not trained")
+def test_toy_benchmarks_run_and_write(tmp_path):
+    """The scripts behind the README's toy rows, on one set / render each, so that they cannot rot unnoticed."""
+    c = load_benchmark("consistory_toy").main(["--sets", "1", "--ablations", "vanilla,sdsa", "--out", str(tmp_path / "c.json")])
+    assert set(c["ablations"]) == {"vanilla", "sdsa"} and 0 <= c["ablations"]["sdsa"]["identity_agreement"] <= 1
+    e = load_benchmark("emerdiff_toy").main(["--renders", "1", "--out", str(tmp_path / "e.json")])
+    assert all(0 <= v["emerdiff_miou"] <= 1 and 0 <= v["baseline_miou"] <= 1 for v in e["variants"].values())
+    s = load_benchmark("style_aligned_toy").main(["--sets", "1", "--out", str(tmp_path / "s.json")])
+    assert all(0 <= v["style_agreement"] <= 1 for v in s["variants"].values())
+    assert all((tmp_path / f).exists() for f in ("c.json", "e.json", "s.json"))
