@@ -29,6 +29,7 @@ VARIANTS = {**ladder(ConsiStoryArgs.for_model("toy")),
             **{f"official/{k}": replace(v, mask_resolutions=(16,)) for k, v in ABLATIONS.items() if k != "vanilla"}}
 # the paper's knob between consistency and layout variation (official 0.5): the full method at other dropouts
 DROPOUTS = {f"full, dropout {p}": replace(VARIANTS["full"], mask_dropout=p) for p in (0.0, 0.1, 0.2, 0.3)}
+CHOICES = {**VARIANTS, **DROPOUTS}
 
 
 @torch.no_grad()  # not set_grad_enabled: tests call main() and must get grad mode back
@@ -42,8 +43,8 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=None, help="default: results/consistory_toy_<start>[_dropout].json")
     a = p.parse_args(argv)
     names = list(DROPOUTS) if a.dropout_sweep else a.ablations.split(",")
-    if unknown := set(names) - set(VARIANTS) - set(DROPOUTS):
-        p.error(f"unknown ablations {sorted(unknown)}; allowed: {list(VARIANTS)}")
+    if unknown := set(names) - set(CHOICES):
+        p.error(f"unknown ablations {sorted(unknown)}; allowed: {list(CHOICES)}")
     pipe, probes = load_pipeline("toy", device="cpu"), Probes()
     result = {"setting": "toy model, 64px, 20 DDIM steps, CFG 5, sets of 4 prompts (one per background)",
               "sets": a.sets, "start": a.start, "ablations": {}}
@@ -53,7 +54,7 @@ def main(argv=None):
             shape = SHAPES[s % len(SHAPES)]
             ps = [f"a {shape} on a {bg} background" for bg in BGS]
             t = time.perf_counter()
-            out = generate(pipe, ps, shape, {**VARIANTS, **DROPOUTS}[name], seeds=[1000 * s + j for j in range(4)])
+            out = generate(pipe, ps, shape, CHOICES[name], seeds=[1000 * s + j for j in range(4)])
             secs += time.perf_counter() - t
             images.append(to_uint8(out.images))
             prompts.append(ps)

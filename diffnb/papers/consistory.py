@@ -415,9 +415,7 @@ def subject_similarity(images, masks, probes, fill: float = 0.5) -> float:
     keep = F.interpolate(masks.flatten(0, 1)[:, None].float(), size=(size, size), mode="nearest")[:, 0, ..., None]
     x = torch.from_numpy(images.reshape(-1, *images.shape[2:])).float() / 255
     f = F.normalize(probes.features(torch.where(keep > 0, x, torch.full_like(x, fill))), dim=-1).view(sets, n, -1)
-    sim = f @ f.transpose(1, 2)
-    i, j = torch.triu_indices(n, n, 1)
-    return float(sim[:, i, j].mean())
+    return _mean_over_pairs(f @ f.transpose(1, 2))
 
 
 def layout_overlap(masks) -> float:
@@ -425,8 +423,13 @@ def layout_overlap(masks) -> float:
     layout collapse that dropout and query mixing are there to prevent). masks (sets, n, r, r) bool."""
     m = torch.as_tensor(np.asarray(masks)).flatten(2).float()
     inter, area = m @ m.transpose(1, 2), m.sum(-1)
-    i, j = torch.triu_indices(m.shape[1], m.shape[1], 1)
-    return float((inter[:, i, j] / (area[:, i] + area[:, j] - inter[:, i, j]).clamp(min=1)).mean())
+    return _mean_over_pairs(inter / (area[:, :, None] + area[:, None, :] - inter).clamp(min=1))
+
+
+def _mean_over_pairs(pairwise: torch.Tensor) -> float:
+    """Mean over sets and over the pairs i < j of a (sets, n, n) matrix."""
+    i, j = torch.triu_indices(pairwise.shape[1], pairwise.shape[1], 1)
+    return float(pairwise[:, i, j].mean())
 
 
 def toy_scores(images, prompts, probes, masks=None) -> dict[str, float]:

@@ -67,16 +67,15 @@ class Probes:
         self.heldout_accuracy = json.loads(meta.read_text())["heldout_accuracy"] if meta.exists() else None
 
     @torch.no_grad()
-    def probabilities(self, images) -> dict[str, np.ndarray]:
-        x = _batch(images)
-        out = [self.net(x[i:i + 256]) for i in range(0, len(x), 256)]
-        return {k: torch.cat([o[k] for o in out]).softmax(-1).numpy() for k in HEADS}
-
-    @torch.no_grad()
     def features(self, images) -> torch.Tensor:
         """(B, 128) pooled features of the shared body: an embedding of what the heads read, for similarities."""
         x = _batch(images)
         return torch.cat([self.net.body(x[i:i + 256]) for i in range(0, len(x), 256)])
+
+    @torch.no_grad()
+    def probabilities(self, images) -> dict[str, np.ndarray]:
+        h = self.features(images)
+        return {k: head(h).softmax(-1).numpy() for k, head in self.net.heads.items()}
 
     def predict(self, images) -> dict[str, list[str]]:
         return {k: [HEADS[k][i] for i in p.argmax(-1)] for k, p in self.probabilities(images).items()}
