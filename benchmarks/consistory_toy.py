@@ -7,6 +7,8 @@ Also: subject-mask IoU against ground truth on DDIM-inverted held-out renders (g
 
     python benchmarks/consistory_toy.py --sets 24 --start 200      # -> benchmarks/results/consistory_toy_200.json
     python benchmarks/consistory_toy.py --sets 24 --start 200 --dropout-sweep   # -> ..._200_dropout.json
+    python benchmarks/consistory_toy.py --sets 24 --start 200 --injection       # -> ..._200_injection.json
+Every variant's identity gain over vanilla comes with a paired bootstrap interval over the sets.
 """
 import argparse
 import time
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from diffnb.bench import save_result
+from diffnb.metrics import paired_bootstrap
 from diffnb.models import load_pipeline
 from diffnb.papers.consistory import ABLATIONS, ConsiStoryArgs, generate, ladder, toy_mask_iou, toy_scores
 from diffnb.toyworld import SHAPES
@@ -29,7 +32,11 @@ VARIANTS = {**ladder(ConsiStoryArgs.for_model("toy")),
             **{f"official/{k}": replace(v, mask_resolutions=(16,)) for k, v in ABLATIONS.items() if k != "vanilla"}}
 # the paper's knob between consistency and layout variation (official 0.5): the full method at other dropouts
 DROPOUTS = {f"full, dropout {p}": replace(VARIANTS["full"], mask_dropout=p) for p in (0.0, 0.1, 0.2, 0.3)}
-CHOICES = {**VARIANTS, **DROPOUTS}
+# feature injection with no SDSA: can it carry identity on its own on the toy? (official, and as strong as it goes)
+INJECTION = {"injection alone": replace(VARIANTS["full"], sdsa=False),
+             "injection alone, alpha 1, every layer and step": replace(VARIANTS["full"], sdsa=False, inject_alpha=1.0,
+                                                                       inject_layers="self", inject_fraction=(0, 1))}
+CHOICES = {**VARIANTS, **DROPOUTS, **INJECTION}
 
 
 @torch.no_grad()  # not set_grad_enabled: tests call main() and must get grad mode back
@@ -40,9 +47,12 @@ def main(argv=None):
     p.add_argument("--iou", type=int, default=0, help="also measure mask IoU on this many inverted renders")
     p.add_argument("--ablations", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
     p.add_argument("--dropout-sweep", action="store_true", help=f"run {list(DROPOUTS)} instead of --ablations")
-    p.add_argument("--out", type=Path, default=None, help="default: results/consistory_toy_<start>[_dropout].json")
+    p.add_argument("--injection", action="store_true", help=f"run vanilla and {list(INJECTION)} instead")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: results/consistory_toy_<start>[_dropout or _injection].json")
     a = p.parse_args(argv)
-    names = list(DROPOUTS) if a.dropout_sweep else a.ablations.split(",")
+    names = (["vanilla", *DROPOUTS] if a.dropout_sweep else ["vanilla", *INJECTION] if a.injection
+             else a.ablations.split(","))
     if unknown := set(names) - set(CHOICES):
         p.error(f"unknown ablations {sorted(unknown)}; allowed: {list(CHOICES)}")
     pipe, probes = load_pipeline("toy", device="cpu"), Probes()
@@ -60,8 +70,9 @@ def main(argv=None):
             prompts.append(ps)
             masks.append(out.masks[16].numpy())
         scores = toy_scores(np.stack(images), prompts, probes, np.stack(masks))
-        result["ablations"][name] = {**scores, "seconds_per_set": secs / a.sets}
-        print(name, {k: round(v, 3) for k, v in result["ablations"][name].items()}, flush=True)
+        per_set = [toy_scores(im[None], [ps], probes)["identity_agreement"] for im, ps in zip(images, prompts)]
+        result["ablations"][name] = {**scores, "seconds_per_set": secs / a.sets, "identity_per_set": per_set}
+        print(name, {k: round(v, 3) for k, v in scores.items()}, flush=True)
     plain = []  # the plain pipeline, no processors at all: the time-ratio baseline
     for s in range(a.start, a.start + a.sets):
         ps = [f"a {SHAPES[s % len(SHAPES)]} on a {bg} background" for bg in BGS]
@@ -69,13 +80,19 @@ def main(argv=None):
         pipe(ps, num_inference_steps=20, guidance_scale=5.0, output_type="np")
         plain.append(time.perf_counter() - t)
     result["plain_seconds_per_set"] = float(np.mean(plain))
+    base = result["ablations"].get("vanilla")
     for name, r in result["ablations"].items():
         r["time_ratio"] = r["seconds_per_set"] / result["plain_seconds_per_set"]
-        print(name, "time ratio vs plain pipeline", round(r["time_ratio"], 2))
+        if base is not None and name != "vanilla" and a.sets > 1:  # the bar is a gain; how sure is it, set to set?
+            r["identity_gain"] = paired_bootstrap(base["identity_per_set"], r["identity_per_set"])
+        g = r.get("identity_gain")
+        print(name, "time ratio vs plain pipeline", round(r["time_ratio"], 2),
+              "" if g is None else f"identity gain {g['gain']:+.3f} (95% CI {g['low']:+.3f}..{g['high']:+.3f})")
     if a.iou:
         result["mask_iou"] = toy_mask_iou(pipe, a.iou, a.start)
         print("mask IoU", result["mask_iou"], flush=True)
-    save_result(result, a.out or OUT / f"consistory_toy_{a.start}{'_dropout' if a.dropout_sweep else ''}.json")
+    suffix = "_dropout" if a.dropout_sweep else "_injection" if a.injection else ""
+    save_result(result, a.out or OUT / f"consistory_toy_{a.start}{suffix}.json")
     return result
 
 

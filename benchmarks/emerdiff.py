@@ -48,7 +48,7 @@ def main(argv=None):
     from diffnb.models import load_pipeline
     pipe = load_pipeline("toy", device="cpu")
     return run(pipe, EmerDiffArgs.for_model("toy"), "cpu", a.repeats, a.out or OUT / "emerdiff_cpu.json",
-               "toy model, 64², the notebook's settings (K=2, 20 DDIM steps, t_m=281)")
+               "toy model, 64², the notebook's settings (K=2, 20 DDIM steps, t_m=301)")
 
 
 if __name__ == "__main__":

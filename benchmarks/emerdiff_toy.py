@@ -21,7 +21,7 @@ OUT = Path(__file__).resolve().parent / "results"
 AT_16 = dict(query_layer="up_blocks.2.attentions.0.transformer_blocks.0.attn2",
              modulate_layer="up_blocks.2.attentions.1.transformer_blocks.0.attn2")
 VARIANTS = {  # name -> (EmerDiffArgs overrides, fixed K or None)
-    "toy defaults (8x8, lambda 10, t_m 281)": ({}, None),
+    "toy defaults (8x8, lambda 10, t_m 301)": ({}, None),
     "K = 4 (more segments than regions)": ({}, 4),
     "16x16 layers": (AT_16, None),
     "16x16 layers, K = 4": (AT_16, 4),
@@ -29,10 +29,10 @@ VARIANTS = {  # name -> (EmerDiffArgs overrides, fixed K or None)
     "lambda 1": (dict(strength=1.0), None),
     "lambda 100": (dict(strength=100.0), None),
     "t_m 101": (dict(t_m=101), None),
-    "t_m 481": (dict(t_m=481), None),
+    "t_m 501": (dict(t_m=501), None),
     "Gaussian filter, sigma 2 px": (dict(smooth_sigma=2.0), None),
     "lambda 1, t_m 101, sigma 2 px": (dict(strength=1.0, t_m=101, smooth_sigma=2.0), None),
-    "50 steps (t_m on the grid)": (dict(num_inference_steps=50), None),
+    "50 steps, t_m 281 (the paper's grid and step)": (dict(num_inference_steps=50, t_m=281), None),
 }
 
 

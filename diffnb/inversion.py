@@ -70,15 +70,19 @@ def encode_image(pipe, image) -> torch.Tensor:
     return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
 
 
-def from_tensor_image(x: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) float in [-1, 1] -> uint8 (B, H, W, 3): the inverse of `to_tensor_image`."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+def from_tensor_image(x: torch.Tensor, rounded: bool = True) -> np.ndarray:
+    """(B, 3, H, W) float in [-1, 1] -> uint8 (B, H, W, 3): the inverse of `to_tensor_image`.
+
+    `rounded=False` keeps float32 on the same 0..255 scale: for differences smaller than one grey level."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1)
+    return (x.round().byte() if rounded else x).cpu().numpy()
 
 
 @torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor) -> np.ndarray:
-    """Scaled latents -> uint8 images (B, H, W, 3)."""
-    return from_tensor_image(pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample)
+def decode_latents(pipe, latents: torch.Tensor, rounded: bool = True) -> np.ndarray:
+    """Scaled latents -> uint8 images (B, H, W, 3) (float32 on 0..255 with `rounded=False`)."""
+    image = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+    return from_tensor_image(image, rounded)
 
 
 def unet_conditioning(pipe, prompt, batch: int, guidance_scale: float, height: int, width: int) -> dict:

@@ -5,7 +5,7 @@ import torch
 
 matplotlib.use("Agg")
 
-from diffnb.metrics import color_fraction, iou, otsu_mask, psnr
+from diffnb.metrics import color_fraction, iou, otsu_mask, paired_bootstrap, psnr
 from diffnb.toyworld.evaluate import normalized_entropy
 from diffnb.viz import anatomy_figure, browse, image_grid, overlay, pca_rgb, to_uint8, token_maps
 
@@ -51,3 +51,17 @@ def test_metrics():
     assert color_fraction(np.full((2, 2, 3), 200, np.uint8), (200, 200, 200)) == 1.0
     assert normalized_entropy(["a", "b"] * 5, ["a", "b"]) == pytest.approx(1.0)
     assert normalized_entropy(["a"] * 10, ["a", "b", "c"]) == 0.0
+
+
+def test_paired_bootstrap():
+    rng = np.random.default_rng(1)
+    base = rng.random(40)
+    r = paired_bootstrap(base, base + 0.3 + 0.05 * rng.standard_normal(40))
+    assert r["low"] < r["gain"] < r["high"] and 0.27 < r["low"] and r["high"] < 0.33  # tight around +0.3
+    noisy = paired_bootstrap(base, base + 0.3 + 0.5 * rng.standard_normal(40))
+    assert noisy["high"] - noisy["low"] > 3 * (r["high"] - r["low"])  # more noise, wider interval
+    assert paired_bootstrap([0, 0], [1, 1])["low"] == 1.0  # no spread, no width
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_bootstrap([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="level"):
+        paired_bootstrap([1, 2], [1, 2], level=1.5)

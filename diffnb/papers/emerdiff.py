@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -44,10 +45,13 @@ class EmerDiffArgs:
 
     @classmethod
     def for_model(cls, name: str, **overrides) -> "EmerDiffArgs":
-        """The paper's settings scaled to a registry model (the toy's lowest cross-attention up block is 8×8)."""
+        """The paper's settings scaled to a registry model (the toy's lowest cross-attention up block is 8×8).
+
+        The toy samples 20 steps, whose grid has no 281 (SD's 50-step grid has): its t_m is the nearest step, 301.
+        """
         base = {"toy": dict(query_layer="up_blocks.1.attentions.0.transformer_blocks.0.attn2",
                             modulate_layer="up_blocks.1.attentions.1.transformer_blocks.0.attn2",
-                            n_segments=2, num_inference_steps=20, t_m=281, strength=10.0),
+                            n_segments=2, num_inference_steps=20, t_m=301, strength=10.0),
                 "sd15": {}}.get(name)
         if base is None:
             raise ValueError(f"no EmerDiff defaults for {name!r}; known: toy, sd15 (pass EmerDiffArgs(...) yourself)")
@@ -61,6 +65,7 @@ class Segmentation:
     labels: np.ndarray  # (H, W) argmax over the difference maps
     images: np.ndarray  # (1 + 2K, H, W, 3) uint8: the unmodulated image, then I⁺, I⁻ per segment
     seconds: float
+    t_m: int  # the timestep modulated: the sampler's grid step nearest to args.t_m
 
 
 class _Modulate(AttentionProcessor):
@@ -123,12 +128,17 @@ def _start(pipe, args: EmerDiffArgs) -> tuple[list[int], int]:
     """The sampler's timesteps and the index of the step closest to t_m (modulation happens there)."""
     pipe.scheduler.set_timesteps(args.num_inference_steps)
     ts = [int(t) for t in pipe.scheduler.timesteps]
-    return ts, int(np.argmin([abs(t - args.t_m) for t in ts]))
+    i = int(np.argmin([abs(t - args.t_m) for t in ts]))
+    if ts[i] != args.t_m:
+        warnings.warn(f"t_m={args.t_m} is not on the {args.num_inference_steps}-step grid; modulating at {ts[i]}, "
+                      "the nearest step", stacklevel=3)
+    return ts, i
 
 
 @torch.no_grad()
 def modulated_denoise(pipe, x_tm: torch.Tensor, masks: torch.Tensor, args: EmerDiffArgs, progress: bool = False) -> np.ndarray:
-    """Denoise [unmodulated, +λM_1, −λM_1, +λM_2, ...] from t_m in one batch; masks (K, h*w) -> uint8 images."""
+    """Denoise [unmodulated, +λM_1, −λM_1, +λM_2, ...] from t_m in one batch; masks (K, h*w) -> images as float32
+    on 0..255, not rounded: on a small model the changes can be below one grey level, and rounding ties them."""
     _, modulate_layer = _check_layers(pipe, args)
     ts, i_m = _start(pipe, args)
     k = masks.shape[0]
@@ -144,7 +154,7 @@ def modulated_denoise(pipe, x_tm: torch.Tensor, masks: torch.Tensor, args: EmerD
         for t in tqdm(ts[i_m:], desc="modulated denoising", disable=not progress, leave=False):
             eps = pipe.unet(pipe.scheduler.scale_model_input(x, t), t, **cond).sample
             x = pipe.scheduler.step(eps, t, x).prev_sample
-    return decode_latents(pipe, x)
+    return decode_latents(pipe, x, rounded=False)
 
 
 def difference_maps(images: np.ndarray, smooth_sigma: float = 0.0) -> np.ndarray:
@@ -182,7 +192,8 @@ def segment(pipe, image, args: EmerDiffArgs | None = None, batched: bool = True,
         runs = [modulated_denoise(pipe, inv.latents[-1], m[None], args) for m in masks]
         images = np.concatenate([runs[0][:1]] + [r[1:] for r in runs])
     diffs = difference_maps(images, args.smooth_sigma)
-    return Segmentation(lowres, diffs, diffs.argmax(0), images, time.perf_counter() - start)
+    shown = images.round().clip(0, 255).astype(np.uint8)
+    return Segmentation(lowres, diffs, diffs.argmax(0), shown, time.perf_counter() - start, ts[i_m])
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------
