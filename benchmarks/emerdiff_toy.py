@@ -33,6 +33,7 @@ VARIANTS = {  # name -> (EmerDiffArgs overrides, fixed K or None)
     "Gaussian filter, sigma 2 px": (dict(smooth_sigma=2.0), None),
     "lambda 1, t_m 101, sigma 2 px": (dict(strength=1.0, t_m=101, smooth_sigma=2.0), None),
     "50 steps, t_m 281 (the paper's grid and step)": (dict(num_inference_steps=50, t_m=281), None),
+    "DDPM inversion (the paper's; exact round trip)": (dict(inversion="ddpm"), None),
 }
 
 

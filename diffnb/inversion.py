@@ -1,4 +1,5 @@
 """DDIM inversion: run the deterministic DDIM sampler backwards to find the noise that regenerates an image.
+(`ddpm_invert`: the stochastic, exact alternative, for methods that re-run the last steps many times.)
 
     inv = ddim_invert(pipe, image, prompt="", num_inference_steps=50)
     inv.latents[0]   # the clean latent x_0 (encoded image);  inv.latents[-1]  # x_T, the inverted noise
@@ -143,6 +144,52 @@ def ddim_invert(pipe, image=None, prompt: str | list[str] = "", num_inference_st
         if stop_at is not None and int(t) >= stop_at:
             break
     return Inversion(trajectory, reached, prompt, guidance_scale)
+
+
+@dataclass
+class DDPMInversion:
+    """Edit-friendly DDPM inversion (Huberman-Spiegelglas et al., CVPR 2024): a start latent and one noise map per
+    step such that stochastic sampling from `start` (DDIM with eta = 1) with exactly these noises rebuilds x_0."""
+    start: torch.Tensor  # (B, C, h, w) at timesteps[0]
+    noises: list[torch.Tensor]  # one per step: scheduler.step(..., eta=1.0, variance_noise=noises[i])
+    timesteps: list[int]  # the sampler's steps from `start` down (descending)
+
+
+@torch.no_grad()
+def ddpm_invert(pipe, latents: torch.Tensor, num_inference_steps: int, start_at: int | None = None, prompt="",
+                guidance_scale: float = 1.0, seed: int = 0, progress: bool = False) -> DDPMInversion:
+    """Invert clean latents for stochastic sampling: every x_t is drawn from q(x_t | x_0) on its own, and each step's
+    noise is solved for so that the sampler lands on the next one. Unlike DDIM inversion the round trip is exact on
+    any model, and re-runs from `start` with the same noises differ only by what the caller changes.
+
+    `start_at`: a timestep of the sampler's grid to start from (default: the first, pure noise end).
+    """
+    from diffusers import DDIMScheduler
+
+    if not isinstance(pipe.scheduler, DDIMScheduler):
+        raise TypeError("ddpm_invert samples with DDIMScheduler(eta=1); the pipeline has "
+                        f"{type(pipe.scheduler).__name__}")
+    pipe.scheduler.set_timesteps(num_inference_steps)
+    ts = [int(t) for t in pipe.scheduler.timesteps]
+    if start_at is not None:
+        if start_at not in ts:
+            raise ValueError(f"start_at={start_at} is not a step of the {num_inference_steps}-step grid: {ts}")
+        ts = ts[ts.index(start_at):]
+    x0 = latents.to(pipe.device, pipe.unet.dtype)
+    abar = pipe.scheduler.alphas_cumprod.to(x0.device, torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    xs = [(abar[t].sqrt() * x0.float() + (1 - abar[t]).sqrt() * torch.randn(x0.shape, generator=g).to(x0.device)).to(x0)
+          for t in ts] + [x0]
+    scale = pipe.vae_scale_factor
+    cond = unet_conditioning(pipe, prompt, x0.shape[0], guidance_scale, x0.shape[-2] * scale, x0.shape[-1] * scale)
+    noises = []
+    for i, t in enumerate(tqdm(ts, desc="DDPM inversion", disable=not progress, leave=False)):
+        eps = predict_noise(pipe, xs[i], t, cond, guidance_scale)
+        step = lambda z: pipe.scheduler.step(eps, t, xs[i], eta=1.0, variance_noise=z).prev_sample
+        mean = step(torch.zeros_like(x0))
+        sigma = step(torch.ones_like(x0)) - mean  # the scheduler's own noise scale for this step
+        noises.append((xs[i + 1] - mean) / sigma)
+    return DDPMInversion(xs[0], noises, ts)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..hooks import capture
-from ..inversion import ddim_invert, decode_latents, encode_image, unet_conditioning
+from ..inversion import ddim_invert, ddpm_invert, decode_latents, encode_image, unet_conditioning
 from ..layers import resolution, select
 from ..processors import AttentionProcessor, RunState, attention_names, patch_attention, track_steps
 
@@ -41,7 +41,12 @@ class EmerDiffArgs:
     num_inference_steps: int = 50
     inject_attention: bool = True  # reuse the unmodulated run's attention maps in every layer
     smooth_sigma: float = 0.0  # Gaussian filter on the difference maps, in pixels (0 = none)
+    inversion: str = "ddim"  # "ddpm": edit-friendly DDPM inversion, the paper's: exact, one shared noise per step
     seed: int = 0
+
+    def __post_init__(self):
+        if self.inversion not in ("ddim", "ddpm"):
+            raise ValueError(f"inversion must be 'ddim' or 'ddpm', got {self.inversion!r}")
 
     @classmethod
     def for_model(cls, name: str, **overrides) -> "EmerDiffArgs":
@@ -136,9 +141,11 @@ def _start(pipe, args: EmerDiffArgs) -> tuple[list[int], int]:
 
 
 @torch.no_grad()
-def modulated_denoise(pipe, x_tm: torch.Tensor, masks: torch.Tensor, args: EmerDiffArgs, progress: bool = False) -> np.ndarray:
+def modulated_denoise(pipe, x_tm: torch.Tensor, masks: torch.Tensor, args: EmerDiffArgs, progress: bool = False,
+                      noises: list[torch.Tensor] | None = None) -> np.ndarray:
     """Denoise [unmodulated, +λM_1, −λM_1, +λM_2, ...] from t_m in one batch; masks (K, h*w) -> images as float32
-    on 0..255, not rounded: on a small model the changes can be below one grey level, and rounding ties them."""
+    on 0..255, not rounded: on a small model the changes can be below one grey level, and rounding ties them.
+    `noises` (from `ddpm_invert`): sample stochastically with these, the same for every run; None: DDIM."""
     _, modulate_layer = _check_layers(pipe, args)
     ts, i_m = _start(pipe, args)
     k = masks.shape[0]
@@ -151,9 +158,12 @@ def modulated_denoise(pipe, x_tm: torch.Tensor, masks: torch.Tensor, args: EmerD
     processors = {"attn": _Modulate(state, args.inject_attention),
                   "re:" + modulate_layer.replace(".", r"\."): _Modulate(state, args.inject_attention, coef, batch_masks)}
     with patch_attention(pipe.unet, processors), track_steps(pipe.unet, state):
-        for t in tqdm(ts[i_m:], desc="modulated denoising", disable=not progress, leave=False):
+        for j, t in enumerate(tqdm(ts[i_m:], desc="modulated denoising", disable=not progress, leave=False)):
             eps = pipe.unet(pipe.scheduler.scale_model_input(x, t), t, **cond).sample
-            x = pipe.scheduler.step(eps, t, x).prev_sample
+            if noises is None:
+                x = pipe.scheduler.step(eps, t, x).prev_sample
+            else:
+                x = pipe.scheduler.step(eps, t, x, eta=1.0, variance_noise=noises[j].expand_as(x)).prev_sample
     return decode_latents(pipe, x, rounded=False)
 
 
@@ -171,7 +181,8 @@ def difference_maps(images: np.ndarray, smooth_sigma: float = 0.0) -> np.ndarray
 
 @torch.no_grad()
 def segment(pipe, image, args: EmerDiffArgs | None = None, batched: bool = True, progress: bool = False) -> Segmentation:
-    """EmerDiff on one image: DDIM-invert to t_m, k-means at t_f, modulated denoising, argmax of the differences.
+    """EmerDiff on one image: invert to t_m (DDIM or DDPM), k-means at t_f, modulated denoising, argmax of the
+    differences.
 
     `batched=False` runs each segment's ± pair separately (same result, for comparison of cost).
     """
@@ -183,13 +194,18 @@ def segment(pipe, image, args: EmerDiffArgs | None = None, batched: bool = True,
     if z0.shape[0] != 1:
         raise ValueError(f"segment takes one image, got a batch of {z0.shape[0]}")
     ts, i_m = _start(pipe, args)
-    inv = ddim_invert(pipe, latents=z0, num_inference_steps=args.num_inference_steps, progress=False, stop_at=ts[i_m])
+    if args.inversion == "ddpm":
+        inv = ddpm_invert(pipe, z0, args.num_inference_steps, start_at=ts[i_m], seed=args.seed)
+        x_tm, noises = inv.start, inv.noises
+    else:
+        x_tm, noises = ddim_invert(pipe, latents=z0, num_inference_steps=args.num_inference_steps, progress=False,
+                                   stop_at=ts[i_m]).latents[-1], None
     lowres = lowres_segments(pipe, z0, args)[0]
     masks = torch.stack([torch.as_tensor(lowres.flatten() == i) for i in range(args.n_segments)])
     if batched:
-        images = modulated_denoise(pipe, inv.latents[-1], masks, args, progress)
+        images = modulated_denoise(pipe, x_tm, masks, args, progress, noises)
     else:
-        runs = [modulated_denoise(pipe, inv.latents[-1], m[None], args) for m in masks]
+        runs = [modulated_denoise(pipe, x_tm, m[None], args, noises=noises) for m in masks]
         images = np.concatenate([runs[0][:1]] + [r[1:] for r in runs])
     diffs = difference_maps(images, args.smooth_sigma)
     shown = images.round().clip(0, 255).astype(np.uint8)
