@@ -1,4 +1,4 @@
-"""EmerDiff cost: one segmentation (DDIM inversion to t_m, k-means at t_f, 2K modulated runs, decoding) against one
+"""EmerDiff cost: one segmentation (inversion to t_m, k-means at t_f, 2K modulated runs, decoding) against one
 vanilla generation of the same size and steps, in the same process.
 
     python benchmarks/emerdiff.py           # toy, 64², on CPU       -> benchmarks/results/emerdiff_cpu.json
@@ -43,7 +43,7 @@ def main(argv=None):
         args = EmerDiffArgs() if a.sd15 else EmerDiffArgs(**TINY_ARGS)  # paper: 512², K=20, 50 steps, t_m=281
         name = "emerdiff_gpu.json" if a.sd15 else "emerdiff_tiny.json"
         return run(pipe, args, device, a.repeats, a.out or OUT / name,
-                   "SD1.5 architecture (random weights), 512², K=20, 50 DDIM steps, t_m=281, attention injection"
+                   "SD1.5 architecture (random weights), 512², K=20, 50 steps, t_m=281, DDPM inversion, attention injection"
                    if a.sd15 else "tiny SD1.5-shaped pipeline (smoke test of the GPU path)")
     from diffnb.models import load_pipeline
     pipe = load_pipeline("toy", device="cpu")
