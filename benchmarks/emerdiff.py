@@ -43,8 +43,8 @@ def main(argv=None):
         args = EmerDiffArgs() if a.sd15 else EmerDiffArgs(**TINY_ARGS)  # paper: 512², K=20, 50 steps, t_m=281
         name = "emerdiff_gpu.json" if a.sd15 else "emerdiff_tiny.json"
         return run(pipe, args, device, a.repeats, a.out or OUT / name,
-                   "SD1.5 architecture (random weights), 512², K=20, 50 steps, t_m=281, DDPM inversion, attention injection"
-                   if a.sd15 else "tiny SD1.5-shaped pipeline (smoke test of the GPU path)")
+                   "SD1.5 architecture (random weights), 512², K=20, 50 steps, t_m=281, DDPM inversion, "
+                   "attention injection" if a.sd15 else "tiny SD1.5-shaped pipeline (smoke test of the GPU path)")
     from diffnb.models import load_pipeline
     pipe = load_pipeline("toy", device="cpu")
     return run(pipe, EmerDiffArgs.for_model("toy"), "cpu", a.repeats, a.out or OUT / "emerdiff_cpu.json",
