@@ -110,3 +110,106 @@ def test_grounding_loss_rewards_attention_inside_the_mask():
     assert tok8 < 1e-6  # the 8x8 map is scored against the pooled mask
     zero_tok, zero_pix = grounding_loss([spread], owners, masks, torch.tensor([False]))
     assert zero_tok == 0 and zero_pix == 0
+
+
+# --- world variants (issue 17, toy world v2) -------------------------------------------------------------------
+V1_FINGERPRINT = "65765f96"  # sha256 prefix of v1 renders (train 0..19): v1 stays bit-identical for the shipped model
+
+
+def _fingerprint(world="v1", n=20):
+    import hashlib
+
+    h, ds = hashlib.sha256(), ToyDataset("train", n, world=world)
+    for i in range(n):
+        r = ds[i]
+        h.update(r.image.tobytes()), h.update(r.masks.tobytes()), h.update(repr(r.keypoints).encode())
+    return h.hexdigest()[:8]
+
+
+def test_v1_world_is_unchanged_and_the_default():
+    assert _fingerprint() == V1_FINGERPRINT
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    assert random_scene(rng_a) == random_scene(rng_b, world="v1")
+
+
+@pytest.mark.parametrize("world", ["texture", "pattern", "multi", "v2"])
+def test_world_variants_keep_exact_ground_truth(world):
+    from diffnb.toyworld.world import COLORS, WORLDS
+
+    cfg = WORLDS[world]
+    ds, counts = ToyDataset("heldout", 40, world=world), set()
+    for i in range(40):
+        r = ds[i]
+        objs = r.scene.objects
+        counts.add(len(objs))
+        assert r.masks.shape == (len(objs) + 1, 64, 64)
+        assert (r.masks.sum(0) == 1).all()  # a partition: every pixel has exactly one owner
+        assert all(m.any() for m in r.masks[:-1])  # every object is visible
+        for k, o in enumerate(objs):
+            assert o.detail in cfg.details
+            # interior pixels (away from the silhouette's anti-aliased edge) are the object's colour scaled by a
+            # shade between its identity's darkest and 1: nothing of the background shows through the mask
+            m = r.masks[k]
+            core = np.all([m[1 + dy:63 + dy, 1 + dx:63 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+            px = r.image[1:-1, 1:-1][core].astype(float)
+            colour = np.array(COLORS[o.color], dtype=float)
+            shade = px @ colour / (colour @ colour)
+            darkest = 0.45 if cfg.identity == "pattern" else 0.35
+            assert (np.abs(px - shade[:, None] * colour).max(1) <= 4).all()
+            assert ((shade > darkest - 0.02) & (shade < 1.01)).all()
+            for x, y, visible in r.keypoints[k].values():  # keypoints still valid: visible ones lie on the object
+                if visible:
+                    assert m[int(y), int(x)]
+    assert max(counts) == cfg.max_objects or cfg.max_objects == 2
+
+
+def test_pattern_identity_covers_the_object_and_texture_is_local():
+    from diffnb.toyworld.world import PATTERNS
+
+    base = dict(center=(32, 32), radius=20, angle=0.3)
+    shaded = {}
+    for p in PATTERNS:
+        r = render(Scene([Obj("square", "red", p, **base)], world="pattern"))
+        m = r.masks[0]
+        dark = m & (r.image[..., 0] < 150)
+        shaded[p] = dark.sum() / m.sum()
+        if p != "none":  # the pattern reaches every quarter of the object, not one small mark
+            ys, xs = np.nonzero(m)
+            cy, cx = ys.mean(), xs.mean()
+            for qy in (ys < cy, ys >= cy):
+                for qx in (xs < cx, xs >= cx):
+                    assert dark[ys[qy & qx], xs[qy & qx]].mean() > 0.1
+    assert shaded["none"] == 0 and min(shaded["spots"], shaded["stripes"]) > 0.15
+    with pytest.raises(ValueError):
+        Scene([Obj("square", "red", "dot")], world="pattern")  # v1's mark names are not this world's
+    # texture: the same style and seed renders the same; another seed moves the texture; no global period
+    one = lambda seed, bg="striped": render(Scene([Obj("circle", "red", center=(8, 8), radius=4)], background=bg,
+                                                  world="texture", bg_seed=seed)).image
+    assert np.array_equal(one(3), one(3)) and not np.array_equal(one(3), one(4))
+    for bg in ("striped", "checkered", "dotted"):
+        img = one(7, bg).astype(int)
+        a = img[24:40, 24:40]  # no other patch is a copy of this one (in v1 the one a period away is)
+        others = [np.abs(img[24 + dy:40 + dy, 24 + dx:40 + dx] - a).mean()
+                  for dy in range(-20, 21, 2) for dx in range(-20, 21, 2) if max(abs(dy), abs(dx)) >= 6]
+        assert min(others) > 3, bg
+    with pytest.raises(ValueError):
+        random_scene(np.random.default_rng(0), world="v3")
+
+
+def test_three_object_prompts_fit_and_training_labels_round_trip(tmp_path):
+    from diffnb.toyworld.prompts import max_tokens
+    from diffnb.toyworld.train import prompts_from_labels, render_dataset
+
+    tok = CLIPTokenizer.from_pretrained(write_word_tokenizer(tmp_path, max_length=max_tokens("multi")))
+    s = Scene([Obj("triangle", "purple"), Obj("triangle", "purple"), Obj("triangle", "purple")],
+              background="checkered", world="multi")
+    assert len(tok(describe(s)).input_ids) <= max_tokens("multi") and max_tokens("v1") == MAX_TOKENS
+    with pytest.raises(ValueError):
+        Scene([Obj("heart", "red")] * 3)  # v1 holds at most two
+    data = render_dataset(tmp_path / "d.npz", 12, world="v2")
+    assert data["labels"].shape == (12, 2 + 3 * 3)
+    ds = ToyDataset("train", 12, world="v2")
+    texts = prompts_from_labels(data["labels"], np.random.default_rng(0), "v2")
+    for i, row in enumerate(data["labels"]):
+        assert row[0] == len(ds[i].scene.objects)
+    assert all(isinstance(t, str) for t in texts)

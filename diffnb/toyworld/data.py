@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .world import Render, render, random_scene
+from .world import Render, render, random_scene, world_config
 
 SPLITS = {"train": 0, "heldout": 1}
 
@@ -15,11 +15,13 @@ def scene_rng(split: str, index: int) -> np.random.Generator:
 
 
 class ToyDataset:
-    """Renders on demand; `dataset[i]` is a `Render` with image, masks and keypoints."""
+    """Renders on demand; `dataset[i]` is a `Render` with image, masks and keypoints; `world` names a `WORLDS` entry."""
 
-    def __init__(self, split: str = "train", length: int = 10_000, n_objects: int | None = None, **fixed):
+    def __init__(self, split: str = "train", length: int = 10_000, n_objects: int | None = None, world: str = "v1",
+                 **fixed):
         scene_rng(split, 0)  # validates the split name
-        self.split, self.length, self.n_objects, self.fixed = split, length, n_objects, fixed
+        world_config(world)  # ... and the world's
+        self.split, self.length, self.n_objects, self.world, self.fixed = split, length, n_objects, world, fixed
 
     def __len__(self) -> int:
         return self.length
@@ -27,4 +29,4 @@ class ToyDataset:
     def __getitem__(self, i: int) -> Render:
         if not 0 <= i < self.length:
             raise IndexError(i)
-        return render(random_scene(scene_rng(self.split, i), n_objects=self.n_objects, **self.fixed))
+        return render(random_scene(scene_rng(self.split, i), n_objects=self.n_objects, world=self.world, **self.fixed))

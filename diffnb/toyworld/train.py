@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from ..processors import AttentionProcessor, patch_attention
 from .data import ToyDataset
-from .prompts import MAX_TOKENS, describe, write_word_tokenizer
-from .world import BACKGROUNDS, COLORS, DETAILS, SHAPES, IMAGE_SIZE
+from .prompts import MAX_TOKENS, describe, max_tokens, write_word_tokenizer
+from .world import BACKGROUNDS, COLORS, SHAPES, IMAGE_SIZE, WORLDS, world_config
 
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
@@ -36,15 +36,15 @@ GROUNDED_MAX_T = 500  # ... at timesteps below this one
 PROMPT_DROPOUT = dict(p_empty=0.1, p_drop_shape=0.15, p_drop_color=0.25, p_drop_background=0.3)
 
 
-def toy_components(tokenizer_dir: Path):
-    """The toy model's architecture: SD1.5-shaped, small enough for a CPU."""
+def toy_components(tokenizer_dir: Path, n_tokens: int = MAX_TOKENS):
+    """The toy model's architecture: SD1.5-shaped, small enough for a CPU. `n_tokens`: `prompts.max_tokens(world)`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=MAX_TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        num_attention_heads=2, max_position_embeddings=n_tokens, bos_token_id=0, eos_token_id=1, pad_token_id=1,
         projection_dim=64))
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64), layers_per_block=1,
@@ -59,29 +59,35 @@ def toy_components(tokenizer_dir: Path):
     return tokenizer, text_encoder, vae, unet
 
 
-def render_dataset(path: Path, n: int) -> dict:
+def _slots(world: str) -> int:
+    """Objects per row of the label / mask arrays: 2 (v1's layout) or the world's maximum."""
+    return max(2, world_config(world).max_objects)
+
+
+def render_dataset(path: Path, n: int, world: str = "v1") -> dict:
+    """Images (n, 64, 64, 3) and labels: [n_objects, background, (shape, colour, detail) per object slot]."""
     if path.exists():
         return dict(np.load(path))
-    ds = ToyDataset("train", length=n)
+    ds, details = ToyDataset("train", length=n, world=world), world_config(world).details
     images, labels = [], []
     for i in tqdm(range(n), desc="render"):
         r = ds[i]
         images.append(r.image)
         o = r.scene.objects
         labels.append([len(o), BACKGROUNDS.index(r.scene.background)] + [
-            v for k in range(2) for v in ((SHAPES.index(o[k].shape), list(COLORS).index(o[k].color),
-                                           DETAILS.index(o[k].detail)) if k < len(o) else (-1, -1, -1))])
+            v for k in range(_slots(world)) for v in ((SHAPES.index(o[k].shape), list(COLORS).index(o[k].color),
+                                                       details.index(o[k].detail)) if k < len(o) else (-1, -1, -1))])
     data = dict(images=np.stack(images), labels=np.array(labels, dtype=np.int16))
     np.savez(path, **data)
     return data
 
 
-def object_masks(path: Path, n: int, size: int = IMAGE_SIZE // 4) -> np.ndarray:
-    """(n, 2, size, size) float16: each object's visible area fraction per latent cell (zeros for a missing one)."""
+def object_masks(path: Path, n: int, size: int = IMAGE_SIZE // 4, world: str = "v1") -> np.ndarray:
+    """(n, slots, size, size) float16: each object's visible area fraction per latent cell (zeros for a missing one)."""
     if path.exists():
         return np.load(path)
-    ds = ToyDataset("train", length=n)
-    out = np.zeros((n, 2, size, size), np.float16)
+    ds = ToyDataset("train", length=n, world=world)
+    out = np.zeros((n, _slots(world), size, size), np.float16)
     f = IMAGE_SIZE // size
     for i in tqdm(range(n), desc="masks"):
         m = ds[i].masks[:-1].astype(np.float32)
@@ -138,17 +144,17 @@ def grounding_loss(maps: list[torch.Tensor], owners: torch.Tensor, masks: torch.
     return token / len(maps), pixel / len(maps)
 
 
-def prompts_from_labels(labels: np.ndarray, rng: np.random.Generator) -> list[str]:
+def prompts_from_labels(labels: np.ndarray, rng: np.random.Generator, world: str = "v1") -> list[str]:
     """Training prompts with attribute dropout, rebuilt from the stored labels."""
     from .world import Obj, Scene
 
-    out = []
+    details, out = world_config(world).details, []
     for row in labels:
         if rng.random() < PROMPT_DROPOUT["p_empty"]:
             out.append("")
             continue
-        objs = [Obj(SHAPES[row[2 + 3 * k]], list(COLORS)[row[3 + 3 * k]], DETAILS[row[4 + 3 * k]]) for k in range(row[0])]
-        scene = Scene(objs, background=BACKGROUNDS[row[1]])
+        objs = [Obj(SHAPES[row[2 + 3 * k]], list(COLORS)[row[3 + 3 * k]], details[row[4 + 3 * k]]) for k in range(row[0])]
+        scene = Scene(objs, background=BACKGROUNDS[row[1]], world=world)
         out.append(describe(scene, rng, **{k: v for k, v in PROMPT_DROPOUT.items() if k != "p_empty"}))
     return out
 
@@ -236,7 +242,8 @@ def train_unet(unet, text_encoder, tokenizer, latents, labels, args, device, log
         for step in tqdm(range(start, args.unet_steps), desc="unet", initial=start, total=args.unet_steps):
             idx = rng.integers(len(lat_t), size=args.batch)
             x0 = lat_t[idx].to(device) * args.scaling_factor
-            ids = tokenizer(prompts_from_labels(labels[idx], rng), padding="max_length", max_length=MAX_TOKENS,
+            ids = tokenizer(prompts_from_labels(labels[idx], rng, args.world), padding="max_length",
+                            max_length=max_tokens(args.world),
                             truncation=True, return_tensors="pt").input_ids.to(device)
             noise = torch.randn_like(x0)
             t = torch.randint(0, 1000, (len(x0),), device=device)
@@ -330,6 +337,11 @@ def main(argv=None):
                    help="weight of the cross-attention grounding loss (0: plain denoising loss)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world", default="v1", choices=tuple(WORLDS),
+                   help="which world variant to train on (diffnb.toyworld.world.WORLDS; v1: the shipped model's)")
+    p.add_argument("--vae-from", type=Path, default=None,
+                   help="reuse this trained AutoencoderKL folder (e.g. diffnb/assets/toy/vae) instead of training one: "
+                        "for worlds whose images are of the same kind, so a fixed budget goes to the UNet")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -337,7 +349,8 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.device = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     args.out.mkdir(parents=True, exist_ok=True)
-    tok_dir, fresh = args.out / "tokenizer", write_word_tokenizer(args.out / "tokenizer.new")
+    n_tokens = max_tokens(args.world)
+    tok_dir, fresh = args.out / "tokenizer", write_word_tokenizer(args.out / "tokenizer.new", max_length=n_tokens)
     if tok_dir.exists() and (tok_dir / "vocab.json").read_text() != (fresh / "vocab.json").read_text():
         if (args.out / "unet.pt").exists():
             retokenize_checkpoint(args.out / "unet.pt", tok_dir, fresh)
@@ -345,7 +358,13 @@ def main(argv=None):
     if not tok_dir.exists():
         fresh.rename(tok_dir)
     shutil.rmtree(fresh, ignore_errors=True)
-    tokenizer, text_encoder, vae, unet = toy_components(tok_dir)
+    tokenizer, text_encoder, vae, unet = toy_components(tok_dir, n_tokens)
+    if args.vae_from is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from).float()
+        vae.requires_grad_(False)
+        args.vae_from = str(args.vae_from.resolve())
     for m in (text_encoder, vae, unet):
         m.to(device)
     log_file = open(args.out / "loss.csv", "a")
@@ -357,11 +376,13 @@ def main(argv=None):
             log_file.write(f"{stage},{step},{value:.5f},{last[stage]:.5f},{time.time():.0f}\n")
             log_file.flush()
 
-    data = render_dataset(args.out / "data.npz", args.n_images)
-    train_vae(vae, data, args, device, log)
+    data = render_dataset(args.out / "data.npz", args.n_images, args.world)
+    if args.vae_from is None:
+        train_vae(vae, data, args, device, log)
+    vae.eval()
     latents = encode_latents(vae, data, args.out / "latents.npy", device)
     args.scaling_factor = float(1.0 / latents.std())
-    masks = object_masks(args.out / "masks16.npy", args.n_images) if args.grounding > 0 else None
+    masks = object_masks(args.out / "masks16.npy", args.n_images, world=args.world) if args.grounding > 0 else None
     train_unet(unet, text_encoder, tokenizer, latents, data["labels"], args, device, log, masks)
     export(tokenizer, text_encoder, vae, unet, args)
 
