@@ -11,12 +11,14 @@ exact round trips need guidance 1.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .images import from_tensor_image, to_tensor_image  # noqa: F401  (one converter; re-exported)
 from .models import family
 
 
@@ -36,54 +38,56 @@ class Inversion:
         return self.latents[len(self.latents) - 1 - i]
 
 
-def to_tensor_image(image, size: int | None = None) -> torch.Tensor:
-    """PIL / uint8 HWC array / float tensor in [0,1], or a list of same-sized ones -> (B, 3, H, W) float in [-1, 1]."""
-    from PIL import Image
+PIXELS_PER_VAE_BATCH = 2**21  # two 1024² images, eight 512² ones: the VAE's activations fit a 15 GB T4 in fp32
 
-    if isinstance(image, (list, tuple)):
-        if not image:
-            raise ValueError("got an empty list of images")
-        return torch.cat([to_tensor_image(im, size) for im in image])
 
-    if isinstance(image, Image.Image):
-        image = image.convert("RGB")
-        if size:
-            image = image.resize((size, size), Image.BICUBIC)
-        image = np.array(image)  # a writable copy for torch.from_numpy
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise TypeError(f"numpy images must be uint8 HWC, got {image.dtype}")
-        image = torch.from_numpy(image).float().div(255)
-        image = image.unsqueeze(0) if image.ndim == 3 else image
-        image = image.permute(0, 3, 1, 2)
-    if not torch.is_tensor(image):
-        raise TypeError(f"image must be a PIL image, a uint8 array or a tensor, got {type(image).__name__}")
-    image = image.unsqueeze(0) if image.ndim == 3 else image
-    if image.ndim != 4 or image.shape[1] != 3:
-        raise ValueError(f"expected an RGB image (B, 3, H, W), got shape {tuple(image.shape)}")
-    return image * 2 - 1 if image.min() >= 0 else image
+def vae_batch_size(height: int, width: int) -> int:
+    """Images per VAE call at this size (pixels), so that encoding and decoding fit a 15 GB GPU."""
+    return max(1, PIXELS_PER_VAE_BATCH // (height * width))
+
+
+@contextmanager
+def vae_in_safe_precision(pipe):
+    """SDXL's VAE overflows in fp16 (NaN latents and black images): like diffusers' SDXL pipeline, run it in fp32
+    while its config says `force_upcast`, then put it back in its own dtype."""
+    vae = pipe.vae
+    dtype = vae.dtype
+    upcast = dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        yield vae
+    finally:
+        if upcast:
+            vae.to(dtype)
 
 
 @torch.no_grad()
-def encode_image(pipe, image) -> torch.Tensor:
-    """Image -> scaled VAE latent (posterior mean), on the pipeline's device and dtype."""
-    x = to_tensor_image(image).to(pipe.device, pipe.vae.dtype)
-    return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
-
-
-def from_tensor_image(x: torch.Tensor, rounded: bool = True) -> np.ndarray:
-    """(B, 3, H, W) float in [-1, 1] -> uint8 (B, H, W, 3): the inverse of `to_tensor_image`.
-
-    `rounded=False` keeps float32 on the same 0..255 scale: for differences smaller than one grey level."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1)
-    return (x.round().byte() if rounded else x).cpu().numpy()
+def encode_image(pipe, image, batch_size: int | None = None) -> torch.Tensor:
+    """Image -> scaled VAE latent (posterior mean), on the pipeline's device in the UNet's dtype; in batches of
+    `batch_size` images (default: `vae_batch_size`)."""
+    x = to_tensor_image(image)
+    n = batch_size or vae_batch_size(*x.shape[-2:])
+    with vae_in_safe_precision(pipe) as vae:
+        z = [vae.encode(x[i:i + n].to(pipe.device, vae.dtype)).latent_dist.mean for i in range(0, len(x), n)]
+    return (torch.cat(z) * pipe.vae.config.scaling_factor).to(pipe.unet.dtype)
 
 
 @torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor, rounded: bool = True) -> np.ndarray:
-    """Scaled latents -> uint8 images (B, H, W, 3) (float32 on 0..255 with `rounded=False`)."""
-    image = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
-    return from_tensor_image(image, rounded)
+def decode_latents(pipe, latents: torch.Tensor, rounded: bool = True, batch_size: int | None = None) -> np.ndarray:
+    """Scaled latents -> uint8 images (B, H, W, 3) (float32 on 0..255 with `rounded=False`), decoded `batch_size`
+    at a time (default: `vae_batch_size`) and moved to the host batch by batch."""
+    scale = pipe.vae_scale_factor
+    n = batch_size or vae_batch_size(latents.shape[-2] * scale, latents.shape[-1] * scale)
+    with vae_in_safe_precision(pipe) as vae:
+        return np.concatenate([
+            from_tensor_image(_decode(vae, latents[i:i + n].to(pipe.device, vae.dtype)), rounded)
+            for i in range(0, len(latents), n)])
+
+
+def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The decoder's image, clipped to [-1, 1] as diffusers' image processor does (it overshoots a little)."""
+    return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
 def unet_conditioning(pipe, prompt, batch: int, guidance_scale: float, height: int, width: int) -> dict:

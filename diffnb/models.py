@@ -3,6 +3,7 @@
 `load_pipeline("toy")` loads the toy model shipped in `diffnb/assets/toy` through `from_pretrained`, exactly as
 `load_pipeline("sd15")` loads Stable Diffusion 1.5 from the hub, so every notebook runs unchanged on all three.
 `tiny_pipeline("sd15" | "sdxl")` builds small random-weight pipelines of both architectures, offline, for tests.
+Under `DIFFNB_STANDIN` the hub models resolve to random-weight stand-ins of the real structure (`diffnb.standin`).
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from . import standin
+from .standin import sized  # noqa: F401  (the notebooks' one knob for counts, next to `spec`)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOY_DIR = ASSETS / "toy"
@@ -42,11 +46,13 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def spec(name: str) -> ModelSpec:
+    """The registry entry, with the stand-in knob applied to hub pipelines (`DIFFNB_STANDIN=1`: smaller, fewer steps)."""
     if not isinstance(name, str):
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; known: {sorted(REGISTRY)}")
-    return REGISTRY[name]
+    s = REGISTRY[name]
+    return standin.shrink(s) if name != "toy" and s.family in ("sd15", "sdxl") else s
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -98,15 +104,19 @@ def load_pipeline(name: str = "toy", device: str | torch.device | None = None,
         return tiny_pipeline("sd15").to(device, dtype)
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    cls = StableDiffusionXLPipeline if s.family == "sdxl" else StableDiffusionPipeline
-    extra = {"safety_checker": None, "requires_safety_checker": False} if s.family == "sd15" else {}
-    if dtype == torch.float16 and name != "toy":
-        extra["variant"] = "fp16"
-    pipe = cls.from_pretrained(s.source, torch_dtype=dtype, **{**extra, **kwargs})
+    if name != "toy" and standin.mode():
+        pipe = standin.standin_pipeline(s.family)
+    else:
+        cls = StableDiffusionXLPipeline if s.family == "sdxl" else StableDiffusionPipeline
+        extra = {"safety_checker": None, "requires_safety_checker": False} if s.family == "sd15" else {}
+        if dtype == torch.float16 and name != "toy":
+            extra["variant"] = "fp16"
+        pipe = cls.from_pretrained(s.source, torch_dtype=dtype, **{**extra, **kwargs})
     # DDIM everywhere: deterministic sampling and exact inversion, as the papers' code uses.
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    # The toy samples in a second: no bars. A real model's sampling loop takes minutes: keep diffusers' bar.
+    pipe.set_progress_bar_config(disable=name == "toy")
+    return pipe.to(device, dtype)
 
 
 def family(pipe) -> str:

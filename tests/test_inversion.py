@@ -39,6 +39,6 @@ def test_inversion_bad_input(tiny):
     with pytest.raises(ValueError):
         ddim_invert(tiny, img, guidance_scale=0.5)
     with pytest.raises(TypeError):
-        to_tensor_image(np.zeros((8, 8, 3), np.float32))
+        to_tensor_image(np.zeros((8, 8, 3), np.int64))
     with pytest.raises(ValueError):
         to_tensor_image(torch.zeros(1, 4, 8, 8))
