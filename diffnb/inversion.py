@@ -38,7 +38,8 @@ class Inversion:
         return self.latents[len(self.latents) - 1 - i]
 
 
-PIXELS_PER_VAE_BATCH = 2**21  # two 1024² images, eight 512² ones: the VAE's activations fit a 15 GB T4 in fp32
+PIXELS_PER_VAE_BATCH = 2**20  # one 1024² image, four 512² ones: ~3.3 GiB of fp32 decoder activations, beside
+# SDXL's 6.5 GiB of fp16 weights on a 15 GB T4 (`models.estimate_memory`)
 
 
 def vae_batch_size(height: int, width: int) -> int:

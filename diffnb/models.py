@@ -243,3 +243,58 @@ def full_size_pipeline(arch: str, device="cuda", dtype=torch.float16):
                                              tokenizer_2=tok, unet=unet, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype)
+
+
+GIB = 2**30
+
+
+def parameter_counts(arch: str) -> dict[str, int]:
+    """Parameters of the real SD1.5 / SDXL components, counted from their configs on the meta device (no weights)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if arch not in UNET_CONFIGS:
+        raise ValueError(f"unknown architecture {arch!r}; allowed: {sorted(UNET_CONFIGS)}")
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    with torch.device("meta"):
+        out = {"unet": count(UNet2DConditionModel(**UNET_CONFIGS[arch])), "vae": count(AutoencoderKL(**VAE_CONFIG)),
+               "text_encoder": count(CLIPTextModel(CLIPTextConfig(**TEXT_CONFIGS["clip-l"])))}
+        if arch == "sdxl":
+            out["text_encoder_2"] = count(CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_CONFIGS["bigG"])))
+    return out
+
+
+def estimate_memory(name: str, unet_batch: int = 2, vae_images: int | None = None, explicit_attention: bool = True,
+                    extra_gpu_gib: float = 0.0, extra_host_gib: float = 0.0) -> dict[str, float]:
+    """Expected peak GPU and host memory (GiB) of a notebook's real-model run in fp16, ESTIMATED from the real
+    configs: the weights, plus the larger of one UNet call on `unet_batch` items (CFG doubles the images; with
+    `explicit_attention` the processors that expose attention probabilities hold one layer's fp16 score matrix
+    at the largest attention resolution) and one fp32 VAE decode of `vae_images` images (default: the batch
+    `encode_image` / `decode_latents` use). Host: the fp16 weights, which `from_pretrained` reads through host
+    memory, plus ~2.5 GiB of Python, torch and CUDA context. Rough by design: it sizes defaults, it does not
+    replace `torch.cuda.max_memory_allocated` (the GPU check measures that)."""
+    s = REGISTRY[name] if name in REGISTRY else spec(name)
+    if s.family not in UNET_CONFIGS:
+        raise ValueError(f"{name!r} is not a pipeline; pipelines: {list(PIPELINES)}")
+    arch, res = s.family, s.resolution
+    if name == "toy":
+        raise ValueError("estimate_memory sizes the real models; the toy runs on a CPU in well under 1 GiB")
+    cfg = UNET_CONFIGS[arch]
+    weights = sum(parameter_counts(arch).values()) * 2 / GIB
+    side = res // 8
+    # activations: about 12 live feature maps per level in fp16, the widest level dominating
+    feats = sum(12 * c * (side // 2**i) ** 2 * 2 for i, c in enumerate(cfg["block_out_channels"]))
+    heads = cfg["attention_head_dim"]
+    top = 1 if arch == "sdxl" else 0  # SDXL has no attention at its top level
+    n = (side // 2**top) ** 2
+    h = heads[top] if isinstance(heads, (tuple, list)) else heads
+    scores = h * n * n * 2 * (2 if explicit_attention else 0)  # probabilities and their softmax input
+    unet = unet_batch * (feats + scores) / GIB
+    from .inversion import vae_batch_size
+
+    vae_images = vae_images or vae_batch_size(res, res)
+    vae = vae_images * 6 * 128 * res * res * 4 / GIB + 2 * parameter_counts(arch)["vae"] * 4 / GIB
+    gpu = weights + max(unet, vae) + extra_gpu_gib
+    host = weights + 2.5 + extra_host_gib
+    return dict(gpu_gib=round(gpu, 1), host_gib=round(host, 1), weights_gib=round(weights, 1),
+                unet_activations_gib=round(unet, 1), vae_decode_gib=round(vae, 1))

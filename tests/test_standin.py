@@ -107,4 +107,16 @@ def test_decode_in_batches_gives_the_same_images(pipe):
         np.testing.assert_allclose(one, decode_latents(pipe, z, rounded=False, batch_size=5), atol=1e-3)
     finally:
         hook.remove()
-    assert vae_batch_size(1024, 1024) == 2 and vae_batch_size(512, 512) == 8
+    assert vae_batch_size(1024, 1024) == 1 and vae_batch_size(512, 512) == 4
+
+
+def test_memory_estimate_from_the_real_configs():
+    from diffnb.models import estimate_memory, parameter_counts
+
+    assert abs(parameter_counts("sd15")["unet"] / 859.52e6 - 1) < 1e-3  # SD1.5's UNet: 859.5 M parameters
+    assert abs(parameter_counts("sdxl")["unet"] / 2567.46e6 - 1) < 1e-3  # SDXL's: 2.567 B
+    small, big = estimate_memory("sdxl", unet_batch=2), estimate_memory("sdxl", unet_batch=16)
+    assert small["weights_gib"] == 6.5 and small["gpu_gib"] < 15 < big["gpu_gib"]  # a T4 fits CFG on one image
+    assert small["host_gib"] < 12
+    with pytest.raises(ValueError, match="not a pipeline"):
+        estimate_memory("clip")
