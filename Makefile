@@ -19,9 +19,15 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 # pytest exits 5 when it collects no test: treat that as the failure it is.
+# Notebooks three times: on the toy (the claims), then the real-model branches on random-weight stand-ins of
+# SD1.5 and SDXL (DIFFNB_STANDIN=1: real structure, 1/4 size, <= 10 steps), so the Colab path cannot rot.
+NBMAKE = $(BIN)/python -m pytest -q --nbmake --nbmake-timeout=$(CELL_TIMEOUT) notebooks/
+
 test: setup
 	$(BIN)/python -m pytest tests -q
-	$(BIN)/python -m pytest -q --nbmake --nbmake-timeout=$(CELL_TIMEOUT) notebooks/
+	DIFFNB_MODEL=toy $(NBMAKE)
+	DIFFNB_MODEL=sd15 DIFFNB_STANDIN=1 $(NBMAKE)
+	DIFFNB_MODEL=sdxl DIFFNB_STANDIN=1 $(NBMAKE)
 
 tour: setup
 	$(BIN)/python -m diffnb.tour
