@@ -4,23 +4,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .images import to_uint8  # the one image converter (re-exported: notebooks import it from here)
 
-def to_uint8(image) -> np.ndarray:
-    """PIL / float [0,1] or [-1,1] / uint8, HWC or CHW, numpy or torch -> uint8 HWC numpy."""
-    from PIL import Image
 
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    if torch.is_tensor(image):
-        image = image.detach().float().cpu().numpy()
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
-        image = image.transpose(1, 2, 0)
-    if image.dtype == np.uint8:
-        return image
-    if image.min() < 0:
-        image = (image + 1) / 2
-    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+def _heat_or_image(img):
+    """2-D arrays / tensors are heat maps (shown with a colour map); everything else is an image."""
+    if torch.is_tensor(img) and img.ndim == 2:
+        return img.detach().float().cpu().numpy()
+    return img if (isinstance(img, np.ndarray) and img.ndim == 2) else to_uint8(img)
 
 
 def image_grid(images, titles=None, ncols: int | None = None, size: float = 2.0, suptitle: str | None = None):
@@ -39,7 +30,7 @@ def image_grid(images, titles=None, ncols: int | None = None, size: float = 2.0,
         ax.axis("off")
     for i, img in enumerate(images):
         ax = axes.flat[i]
-        arr = img if (isinstance(img, np.ndarray) and img.ndim == 2) else to_uint8(img)
+        arr = _heat_or_image(img)
         ax.imshow(arr, cmap="viridis" if arr.ndim == 2 else None, interpolation="nearest")
         if titles is not None:
             ax.set_title(str(titles[i]), fontsize=9)
@@ -56,7 +47,11 @@ def overlay(image, heat, alpha: float = 0.55, cmap: str = "jet") -> np.ndarray:
     from PIL import Image
 
     img = to_uint8(image)
+    if img.ndim != 3:
+        raise ValueError(f"overlay draws on one image, got a batch of shape {img.shape}")
     heat = heat.detach().float().cpu().numpy() if torch.is_tensor(heat) else np.asarray(heat, dtype=np.float32)
+    if heat.ndim != 2:
+        raise ValueError(f"heat must be a 2-D map (h, w), got shape {heat.shape}")
     heat = np.asarray(Image.fromarray(heat.astype(np.float32)).resize(img.shape[1::-1], Image.BILINEAR))
     heat = (heat - heat.min()) / (np.ptp(heat) + 1e-8)
     colored = matplotlib.colormaps[cmap](heat)[..., :3] * 255
@@ -64,21 +59,41 @@ def overlay(image, heat, alpha: float = 0.55, cmap: str = "jet") -> np.ndarray:
 
 
 def pca_rgb(features, n_components: int = 3, fit_on=None) -> np.ndarray | list[np.ndarray]:
-    """Project (C, H, W) feature maps onto their top principal components, as RGB images in [0, 1].
+    """Project (C, H, W) feature maps onto their top principal components (scikit-learn's PCA, exact SVD), as RGB
+    images in [0, 1].
 
-    Give a list to project several maps with one shared basis (so colours mean the same thing in each).
+    Give a list to project several maps with one shared basis (so colours mean the same thing in each); `fit_on`
+    ((N, C) rows, or (C, H, W) maps) fits the basis on other features. Component signs follow scikit-learn's
+    deterministic convention.
     """
+    from sklearn.decomposition import PCA
+
     single = torch.is_tensor(features) or isinstance(features, np.ndarray)
     maps = [features] if single else list(features)
+    if not maps:
+        raise ValueError("pca_rgb needs at least one (C, H, W) map")
     maps = [m.detach().float().cpu().numpy() if torch.is_tensor(m) else np.asarray(m, dtype=np.float32) for m in maps]
     for m in maps:
         if m.ndim != 3:
             raise ValueError(f"pca_rgb expects (C, H, W) maps, got shape {m.shape}")
-    flat = [m.reshape(m.shape[0], -1).T for m in maps]
-    basis_data = np.concatenate(flat if fit_on is None else [np.asarray(fit_on).reshape(-1, maps[0].shape[0])])
-    mean = basis_data.mean(0)
-    _, _, vt = np.linalg.svd(basis_data - mean, full_matrices=False)
-    proj = [(f - mean) @ vt[:n_components].T for f in flat]
+        if m.shape[0] != maps[0].shape[0]:
+            raise ValueError(f"maps with one shared basis need the same channels, got {maps[0].shape[0]} and {m.shape[0]}")
+    c = maps[0].shape[0]
+    flat = [m.reshape(c, -1).T for m in maps]
+    if fit_on is None:
+        basis_data = np.concatenate(flat)
+    else:
+        fit = fit_on.detach().float().cpu().numpy() if torch.is_tensor(fit_on) else np.asarray(fit_on, dtype=np.float32)
+        if fit.ndim == 3 and fit.shape[0] == c:
+            fit = fit.reshape(c, -1).T
+        if fit.ndim != 2 or fit.shape[1] != c:
+            raise ValueError(f"fit_on must be (N, {c}) rows or a ({c}, H, W) map, got shape {fit.shape}")
+        basis_data = fit
+    if not isinstance(n_components, int) or not 1 <= n_components <= min(basis_data.shape):
+        raise ValueError(f"n_components must be an int in 1..{min(basis_data.shape)} (channels / samples), "
+                         f"got {n_components!r}")
+    pca = PCA(n_components=n_components, svd_solver="full").fit(basis_data)
+    proj = [pca.transform(f) for f in flat]
     lo = np.min([p.min(0) for p in proj], axis=0)
     hi = np.max([p.max(0) for p in proj], axis=0)
     out = [((p - lo) / (hi - lo + 1e-8)).reshape(m.shape[1], m.shape[2], n_components) for p, m in zip(proj, maps)]
@@ -113,8 +128,7 @@ def browse(results: dict, labels: tuple[str, str] = ("layer", "step"), size: flo
             key = (a_w.value, b_w.value)
             if key in results:
                 fig, ax = plt.subplots(figsize=(size, size))
-                ax.imshow(to_uint8(results[key]) if not (isinstance(results[key], np.ndarray) and results[key].ndim == 2)
-                          else results[key])
+                ax.imshow(_heat_or_image(results[key]))
                 ax.set_title(f"{labels[0]}={key[0]}  {labels[1]}={key[1]}", fontsize=9)
                 ax.axis("off")
                 plt.show()

@@ -11,8 +11,17 @@ from diffnb.viz import anatomy_figure, browse, image_grid, overlay, pca_rgb, to_
 
 
 def test_to_uint8_handles_ranges_and_layouts():
-    assert to_uint8(torch.zeros(3, 4, 5)).shape == (4, 5, 3)
-    assert to_uint8(-np.ones((4, 4, 3))).max() == 0 and to_uint8(np.ones((4, 4, 3))).min() == 255
+    """The range comes from the type and value_range, never from the values (see diffnb.images)."""
+    assert to_uint8(-torch.ones(3, 4, 5)).shape == (4, 5, 3)  # tensors: channels-first, [-1, 1]
+    assert to_uint8(-torch.ones(3, 4, 5)).max() == 0 and to_uint8(-torch.ones(2, 3, 4, 5)).shape == (2, 4, 5, 3)
+    assert to_uint8(np.ones((4, 4, 3))).min() == 255 and to_uint8(np.zeros((4, 4, 3))).max() == 0  # numpy: [0, 1]
+    assert to_uint8(-np.ones((4, 4, 3)), value_range=(-1, 1)).max() == 0
+    with pytest.raises(ValueError, match="outside the range"):
+        to_uint8(-np.ones((4, 4, 3)))  # was guessed to be [-1, 1]
+    u = np.random.default_rng(0).integers(0, 256, (2, 6, 5, 3), dtype=np.uint8)
+    assert (to_uint8(u) == u).all() and (to_uint8(list(u)) == u).all()
+    assert (to_uint8(torch.from_numpy(u).permute(0, 3, 1, 2)) == u).all()  # uint8 tensors exactly
+    assert (to_uint8(u / 255.0) == u).all() and (to_uint8(u.astype(np.float32), value_range=(0, 255)) == u).all()
 
 
 def test_pca_rgb_shared_basis():
@@ -27,6 +36,7 @@ def test_pca_rgb_shared_basis():
 def test_figures_build():
     img = np.zeros((16, 16, 3), np.uint8)
     assert image_grid([img, img], ["a", "b"]) is not None
+    assert image_grid([img, np.random.rand(4, 4), torch.rand(4, 4)]) is not None  # 2-D = heat maps
     with pytest.raises(ValueError):
         image_grid([img], ["a", "b"])
     assert overlay(img, np.random.rand(4, 4)).shape == (16, 16, 3)
