@@ -24,7 +24,8 @@ def main():
     if a.sdxl:
         from diffnb.models import full_size_unet
         unet = full_size_unet("sdxl")
-        x = torch.randn(8, 4, 128, 128, device="cuda", dtype=torch.float16)  # batch 4 under CFG
+        x = torch.randn(4, 4, 128, 128, device="cuda", dtype=torch.float16).repeat(2, 1, 1, 1)  # batch 4 under CFG:
+        # the same latents in both halves, as a pipeline builds them (style_aligned(cfg=True) checks it)
         cond = dict(encoder_hidden_states=torch.randn(8, 77, 2048, device="cuda", dtype=torch.float16),
                     added_cond_kwargs={"text_embeds": torch.randn(8, 1280, device="cuda", dtype=torch.float16),
                                        "time_ids": torch.randn(8, 6, device="cuda", dtype=torch.float16)})
