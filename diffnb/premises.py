@@ -1,0 +1,412 @@
+"""Premise tests: does a model have what each paper's method stands on? One number each, on any pipeline.
+
+A method can be implemented right and still fail on a model that lacks its premise. These functions measure the
+premise directly, so a failed claim can be traced to the model (issue 17 sizes the next toy world by them):
+
+- `emerdiff_locality`: a modulation of one low-res segment changes the pixels of that segment. Energy share of the
+  difference map inside the segment's own (upsampled) mask ÷ the mask's area share, median over every segment of
+  every image, with K = `segments_per_region` × the image's regions (≥ 2×: the paper over-segments). 1 = no locality.
+- `consistory_transfer`: shared self-attention can carry a subject's identity. Every patch of image 0 of a set is
+  shared into the others (`ConsiStoryArgs(subject_masks="all", n_anchors=1)`, no dropout, mixing or injection);
+  the value is the identity agreement inside sets minus vanilla's (same seeds).
+- `style_aligned_shape`: shared attention keeps each image's content. Shape accuracy with StyleAligned ÷ vanilla.
+- `hyperfeatures_timestep_gain`: features from several timesteps beat one. Held-out PCK@0.1 (bbox) of an
+  aggregator over every saved step minus the best one-step aggregator, each trained the same fixed number of steps.
+
+Identity and shape need ground truth, so those functions take a `scorer`: images (N, H, W, 3) uint8 -> {attribute:
+list of N labels} (on the toy: `Probes().predict`). Every input has a seed; every loop a fixed step count.
+`python -m diffnb.premises --model toy` prints the four numbers (a few CPU minutes); `--model PATH` reads a
+pipeline folder (a pilot's export), `--world`/`--probes` give its world and scorer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+Scorer = Callable[[np.ndarray], dict]
+
+# Issue 17's acceptance bars for the premises (the value must reach the bar).
+BARS = {"emerdiff_locality": 3.0, "consistory_transfer": 0.4, "style_aligned_shape": 0.9,
+        "hyperfeatures_timestep_gain": 3.0}
+
+
+@dataclass
+class Premise:
+    name: str
+    value: float
+    bar: float | None
+    details: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def holds(self) -> bool | None:
+        return None if self.bar is None else bool(self.value >= self.bar)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "holds": self.holds}
+
+    def line(self) -> str:
+        verdict = "" if self.bar is None else ("holds" if self.holds else "does NOT hold")
+        return f"{self.name:30s} {self.value:8.3f}   bar {self.bar if self.bar is not None else '-':>5}   {verdict}"
+
+
+def _check_scorer(scorer, keys):
+    if not callable(scorer):
+        raise TypeError(f"scorer must be a callable images -> {{attribute: labels}}, got {type(scorer).__name__}")
+    return keys
+
+
+def _uint8(images) -> np.ndarray:
+    x = np.asarray(images)
+    return x if x.dtype == np.uint8 else (x * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def _score(scorer: Scorer, images: np.ndarray, keys) -> dict[str, np.ndarray]:
+    out = scorer(images)
+    if not isinstance(out, dict) or (missing := [k for k in keys if k not in out]):
+        raise ValueError(f"the scorer must return a dict with {list(keys)}; got "
+                         f"{list(out) if isinstance(out, dict) else type(out).__name__}")
+    return {k: np.asarray(out[k]) for k in out}
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(int(seed))
+
+
+# --- EmerDiff ---------------------------------------------------------------------------------------------------
+def emerdiff_locality(pipe, images, n_regions, args=None, segments_per_region: int = 2, masks=None) -> Premise:
+    """Median locality ratio of EmerDiff's modulations (module docstring). images: list of (H, W, 3) uint8;
+    n_regions: regions per image (int or one per image); args: `EmerDiffArgs` (K is set per image).
+    masks (optional, per image (R, H, W) bool with the background last): also splits the ratios by whether a
+    segment lies mostly on the background or on an object."""
+    from .papers.emerdiff import EmerDiffArgs, segment, upsample_labels
+
+    if args is None:
+        raise ValueError("give args=EmerDiffArgs(...) (e.g. EmerDiffArgs.for_model('toy')): the layers are model-specific")
+    if not isinstance(args, EmerDiffArgs):
+        raise TypeError(f"args must be EmerDiffArgs, got {type(args).__name__}")
+    if not isinstance(segments_per_region, int) or segments_per_region < 2:
+        raise ValueError(f"segments_per_region must be an int >= 2 (K >= 2 x regions), got {segments_per_region!r}")
+    images = list(images)
+    regions = [n_regions] * len(images) if isinstance(n_regions, int) else list(n_regions)
+    if not images or len(regions) != len(images) or any(not isinstance(r, int) or r < 1 for r in regions):
+        raise ValueError("need >= 1 image and one region count >= 1 per image")
+    t0 = time.perf_counter()
+    ratios, on_bg, per_image = [], [], []
+    for i, (image, r) in enumerate(zip(images, regions)):
+        out = segment(pipe, image, replace(args, n_segments=segments_per_region * r))
+        side_h, side_w = out.differences.shape[1:]
+        mine = []
+        for s in range(out.differences.shape[0]):
+            inside = upsample_labels((out.lowres == s).astype(int), side_h, 2) == 1 if side_h == side_w else None
+            if inside is None:
+                raise ValueError("emerdiff_locality needs square images")
+            energy = out.differences[s]
+            if not 0 < inside.mean() < 1 or energy.sum() <= 0:
+                continue
+            ratio = float((energy[inside].sum() / energy.sum()) / inside.mean())
+            mine.append(ratio)
+            if masks is not None:
+                on_bg.append(bool(np.asarray(masks[i])[-1][inside].mean() > 0.5))
+        ratios += mine
+        per_image.append(float(np.median(mine)) if mine else float("nan"))
+    ratios_a = np.array(ratios)
+    details = {"modulations": len(ratios), "images": len(images), "share_above_1.5": float(np.mean(ratios_a > 1.5)),
+               "per_image_median": per_image, "segments_per_region": segments_per_region,
+               "layer": args.modulate_layer, "t_m": args.t_m, "strength": args.strength}
+    if masks is not None and ratios:
+        bg = np.array(on_bg)
+        details["median_background_segments"] = float(np.median(ratios_a[bg])) if bg.any() else None
+        details["median_object_segments"] = float(np.median(ratios_a[~bg])) if (~bg).any() else None
+    return Premise("emerdiff_locality", float(np.median(ratios_a)) if ratios else float("nan"),
+                   BARS["emerdiff_locality"], details, time.perf_counter() - t0)
+
+
+# --- ConsiStory ---------------------------------------------------------------------------------------------------
+def _agreement(labels: np.ndarray) -> float:
+    """labels (sets, n, A): share of pairs i < j inside a set whose A attributes all agree."""
+    n = labels.shape[1]
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    return float(np.mean([(labels[s, i] == labels[s, j]).all() for s in range(labels.shape[0]) for i, j in pairs]))
+
+
+def consistory_transfer(pipe, scorer: Scorer, sets, subject_words, seeds, identity=("color", "detail"),
+                        args=None, num_inference_steps: int = 20, guidance_scale: float = 5.0) -> Premise:
+    """Identity agreement gain when every patch of image 0 of each set is shared into the others (module docstring).
+
+    sets: list of prompt lists (the identity left unnamed); subject_words: one per set; seeds: one list per set.
+    identity: the scorer's attributes that make up identity (all must agree). args: the sharing `ConsiStoryArgs`
+    (default: SDSA in every self-attention layer, every patch of image 0, no dropout / mixing / injection)."""
+    from .papers.consistory import ConsiStoryArgs, generate
+
+    _check_scorer(scorer, identity)
+    if not sets or len(sets) != len(subject_words) or len(sets) != len(seeds):
+        raise ValueError(f"need one subject word and one seed list per set: {len(sets)} sets, "
+                         f"{len(subject_words)} words, {len(seeds)} seed lists")
+    if len({len(s) for s in sets}) != 1 or len(sets[0]) < 2:
+        raise ValueError("every set needs the same number (>= 2) of prompts")
+    share = args or ConsiStoryArgs(share_layers="self", n_anchors=1, subject_masks="all", mask_dropout=0.0,
+                                   query_mix_fraction=0.0, inject=False)
+    if share.subject_masks != "all" or not share.sdsa:
+        raise ValueError("consistory_transfer shares every patch: args need sdsa=True and subject_masks='all'")
+    vanilla = replace(share, sdsa=False)
+    t0 = time.perf_counter()
+    kw = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    runs = {name: np.stack([_uint8(generate(pipe, list(p), w, a, seeds=list(s), **kw).images)
+                            for p, w, s in zip(sets, subject_words, seeds)])
+            for name, a in (("vanilla", vanilla), ("shared", share))}
+    details, value = {"sets": len(sets), "per_set": len(sets[0]), "identity": list(identity)}, {}
+    for name, imgs in runs.items():
+        flat = imgs.reshape(-1, *imgs.shape[2:])
+        pred = _score(scorer, flat, identity)
+        lab = np.stack([pred[k].reshape(imgs.shape[:2]) for k in identity], -1)
+        value[name] = _agreement(lab)
+        details[f"{name}_identity_agreement"] = value[name]
+        for k, v in pred.items():
+            details[f"{name}_{k}_agreement"] = _agreement(np.asarray(v).reshape(*imgs.shape[:2], 1))
+    return Premise("consistory_transfer", value["shared"] - value["vanilla"], BARS["consistory_transfer"], details,
+                   time.perf_counter() - t0)
+
+
+# --- StyleAligned -------------------------------------------------------------------------------------------------
+def style_aligned_shape(pipe, scorer: Scorer, sets, shapes, seeds, args=None, num_inference_steps: int = 20,
+                        guidance_scale: float = 5.0, style_key: str | None = "background") -> Premise:
+    """Shape accuracy with StyleAligned's shared attention ÷ vanilla's, same seeds (module docstring).
+
+    sets: prompt lists (prompt 0 is the reference); shapes: per set, the shape each prompt names (what the
+    scorer's "shape" must read); seeds: one int per set. `style_key`: a scorer attribute whose agreement with the
+    reference is reported too (None: skip)."""
+    from .papers.style_aligned import StyleAlignedArgs, generate
+
+    _check_scorer(scorer, ("shape",))
+    if not sets or len(sets) != len(shapes) or len(sets) != len(seeds):
+        raise ValueError(f"need one shape list and one seed per set: {len(sets)}, {len(shapes)}, {len(seeds)}")
+    if any(len(p) != len(s) or len(p) < 2 for p, s in zip(sets, shapes)):
+        raise ValueError("each set needs >= 2 prompts and one shape per prompt")
+    args = args or StyleAlignedArgs()
+    if not isinstance(args, StyleAlignedArgs):
+        raise TypeError(f"args must be StyleAlignedArgs, got {type(args).__name__}")
+    t0 = time.perf_counter()
+    kw = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type="np")
+    runs = {"vanilla": [pipe(list(p), generator=_generator(s), **kw).images for p, s in zip(sets, seeds)],
+            "shared": [generate(pipe, list(p), args=args, generator=_generator(s), **kw) for p, s in zip(sets, seeds)]}
+    want = np.array([x for s in shapes for x in s])
+    details, acc = {"sets": len(sets), "images": len(want)}, {}
+    for name, imgs in runs.items():
+        flat = _uint8(np.concatenate([np.asarray(i) for i in imgs]))
+        pred = _score(scorer, flat, ("shape",) + ((style_key,) if style_key else ()))
+        acc[name] = float((pred["shape"] == want).mean())
+        details[f"{name}_shape_accuracy"] = acc[name]
+        if style_key:
+            lab, start = pred[style_key], 0
+            agree = []
+            for p in sets:
+                agree += list(lab[start + 1:start + len(p)] == lab[start])
+                start += len(p)
+            details[f"{name}_{style_key}_agreement"] = float(np.mean(agree))
+    value = acc["shared"] / acc["vanilla"] if acc["vanilla"] > 0 else float("nan")
+    return Premise("style_aligned_shape", value, BARS["style_aligned_shape"], details, time.perf_counter() - t0)
+
+
+# --- Hyperfeatures ------------------------------------------------------------------------------------------------
+def hyperfeatures_timestep_gain(pipe, train_pairs, test_pairs, steps=(0, 5, 10), num_inference_steps: int = 20,
+                                train_steps: int = 300, projection_dim: int = 64, output_size: int = 16,
+                                lr: float = 1e-3, seed: int = 0) -> Premise:
+    """PCK@0.1 (bbox, points ×100) of an aggregator over all `steps` minus the best one-step aggregator's, on
+    `test_pairs`; every aggregator trains exactly `train_steps` steps on `train_pairs` (module docstring)."""
+    from .papers import hyperfeatures as hf
+
+    steps = sorted(set(int(s) for s in steps))
+    if len(steps) < 2:
+        raise ValueError(f"a timestep gain needs >= 2 saved steps, got {steps}")
+    if not isinstance(train_steps, int) or train_steps < 1:
+        raise ValueError(f"train_steps must be an int >= 1, got {train_steps!r}")
+    t0 = time.perf_counter()
+    kw = dict(num_inference_steps=num_inference_steps, steps=steps, batch_size=16, progress=False)
+    train, test = hf.pair_features(pipe, train_pairs, **kw), hf.pair_features(pipe, test_pairs, **kw)
+
+    def fit(select):
+        torch.manual_seed(seed)
+        tr, te = train.features.select(steps=select), test.features.select(steps=select)
+        net = hf.AggregationNetwork.for_features(tr, projection_dim=projection_dim, output_size=output_size)
+        losses = hf.train_aggregator(net, hf.PairFeatures(train.pairs, tr), steps=train_steps, lr=lr, seed=seed,
+                                     progress=False)
+        return (100 * hf.evaluate(hf.describe(net, te), test.pairs)["pck_bbox"],
+                100 * hf.evaluate(hf.describe(net, tr), train.pairs)["pck_bbox"], float(np.mean(losses[-20:])))
+
+    multi, multi_train, multi_loss = fit(steps)
+    single = {s: fit([s]) for s in steps}
+    best = max(single, key=lambda s: single[s][0])
+    details = {"multi_pck": multi, "multi_train_pck": multi_train, "multi_final_loss": multi_loss,
+               "one_step_pck": {str(s): v[0] for s, v in single.items()}, "best_step": best,
+               "steps": steps, "num_inference_steps": num_inference_steps, "train_steps": train_steps,
+               "train_pairs": len(train.pairs), "test_pairs": len(test.pairs)}
+    return Premise("hyperfeatures_timestep_gain", multi - single[best][0], BARS["hyperfeatures_timestep_gain"],
+                   details, time.perf_counter() - t0)
+
+
+# --- the toy world's inputs ---------------------------------------------------------------------------------------
+def toy_keypoint_pairs(n: int, split: str, world: str = "v1", seed: int = 0, extra_points: int = 0,
+                       classes=("heart", "triangle")):
+    """Keypoint pairs of one world's renders. v1: exactly `hyperfeatures.toy_pairs` (max angle 45°); another world:
+    the same recipe with that world's backgrounds and identity (one object per image)."""
+    from .papers import hyperfeatures as hf
+    from .toyworld.data import SPLITS, scene_rng
+    from .toyworld.world import BACKGROUNDS, COLORS, inside_shape, random_scene, render, to_pixels
+
+    if world == "v1":
+        return hf.toy_pairs(n, split, seed=seed, classes=classes, extra_points=extra_points)
+    scene_rng(split, 0)
+    pairs = []
+    for i in range(n):
+        rng = np.random.default_rng([SPLITS[split], 7919, seed, i])
+        shape = classes[i % len(classes)]
+        for _ in range(100):
+            cols, bgs = rng.permutation(list(COLORS))[:2], rng.permutation(list(BACKGROUNDS))[:2]
+            r = [render(random_scene(rng, 1, world=world, shape=shape, color=str(c), background=str(b),
+                                     angle=rng.uniform(-np.pi / 4, np.pi / 4))) for c, b in zip(cols, bgs)]
+            names = tuple(k for k, (_, _, v) in r[0].keypoints[0].items() if v and r[1].keypoints[0][k][2])
+            if len(names) >= 2:
+                break
+        else:
+            raise RuntimeError(f"no pair with 2 visible keypoints for {shape}")
+        kps = [np.array([r[j].keypoints[0][k][:2] for k in names]) for j in (0, 1)]
+        if extra_points:
+            uv = np.random.default_rng([SPLITS[split], 7919, seed, i, 1]).uniform(-1, 1, (40 * extra_points, 2))
+            uv = uv[inside_shape(shape, uv[:, 0], uv[:, 1])]
+            xy = [np.stack(to_pixels(r[j].scene.objects[0], uv[:, 0], uv[:, 1]), 1) for j in (0, 1)]
+            ok = np.ones(len(uv), bool)
+            for j in (0, 1):
+                c, side = np.floor(xy[j]).astype(int), r[j].image.shape[0]
+                ok &= ((c >= 0) & (c < side)).all(1) & r[j].masks[0][c[:, 1].clip(0, side - 1), c[:, 0].clip(0, side - 1)]
+            xy = [x[ok][:extra_points] for x in xy]
+            kps = [np.concatenate([k, x]) for k, x in zip(kps, xy)]
+            names = names + tuple(f"p{j}" for j in range(len(xy[0])))
+        boxes = []
+        for j in (0, 1):
+            ys, xs = np.nonzero(r[j].masks[0])
+            boxes.append(np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float))
+        pairs.append(hf.Pair(r[0].image, r[1].image, kps[0], kps[1], boxes[0], boxes[1], shape, names))
+    return pairs
+
+
+@dataclass(frozen=True)
+class ToySizes:
+    """How much each premise test measures on the toy. `small`: the CLI's default (a few CPU minutes); the
+    held-out seeds and scenes are apart from every notebook's and benchmark's (scenes from index 5,000, seeds
+    from 90,000)."""
+    emerdiff_images: int = 12
+    consistory_sets: int = 6
+    style_sets: int = 6
+    hf_train_pairs: int = 24
+    hf_test_pairs: int = 24
+    hf_train_steps: int = 300
+    hf_extra_points: int = 32
+
+
+SIZES = {"tiny": ToySizes(2, 1, 1, 3, 3, 5, 4), "small": ToySizes(), "full": ToySizes(24, 24, 24, 48, 48, 1000, 32)}
+
+
+def toy_premises(pipe, scorer: Scorer, world: str = "v1", sizes: ToySizes | str = "small",
+                 only=None, progress: bool = True) -> dict[str, Premise]:
+    """All four premise tests on toy-world inputs of `world` (prompts from its grammar, renders from its held-out
+    split). `pipe` may be any pipeline whose tokenizer knows the grammar's words (the toy, a pilot)."""
+    from .papers.emerdiff import EmerDiffArgs
+    from .papers.style_aligned import StyleAlignedArgs
+    from .toyworld.data import ToyDataset
+    from .toyworld.prompts import prompt
+    from .toyworld.world import BACKGROUNDS, COLORS, SHAPES
+
+    sizes = SIZES[sizes] if isinstance(sizes, str) else sizes
+    only = set(only or BARS)
+    if unknown := only - set(BARS):
+        raise ValueError(f"unknown premises {sorted(unknown)}; known: {list(BARS)}")
+    out = {}
+    say = print if progress else (lambda *a, **k: None)
+    if "emerdiff_locality" in only:
+        ds = ToyDataset("heldout", 5000 + sizes.emerdiff_images, world=world)
+        renders = [ds[5000 + i] for i in range(sizes.emerdiff_images)]
+        out["emerdiff_locality"] = emerdiff_locality(pipe, [r.image for r in renders], [len(r.masks) for r in renders],
+                                                     EmerDiffArgs.for_model("toy"), masks=[r.masks for r in renders])
+        say(out["emerdiff_locality"].line(), flush=True)
+    if "consistory_transfer" in only:
+        sets = [[f"a {SHAPES[s % len(SHAPES)]} on a {bg} background" for bg in ("striped", "dotted", "checkered", "plain")]
+                for s in range(sizes.consistory_sets)]
+        words = [SHAPES[s % len(SHAPES)] for s in range(sizes.consistory_sets)]
+        seeds = [[90_000 + 10 * s + j for j in range(4)] for s in range(sizes.consistory_sets)]
+        out["consistory_transfer"] = consistory_transfer(pipe, scorer, sets, words, seeds)
+        say(out["consistory_transfer"].line(), flush=True)
+    if "style_aligned_shape" in only:
+        rng = np.random.default_rng(91_000)
+        shapes = [list(rng.permutation(SHAPES)[:4]) for _ in range(sizes.style_sets)]
+        sets = [[prompt(str(s), str(c)) for s, c in zip(sh, rng.permutation(list(COLORS))[:4])] for sh in shapes]
+        args = StyleAlignedArgs(shared_score_shift=float(np.log(2)))  # notebook 01's toy setting
+        out["style_aligned_shape"] = style_aligned_shape(pipe, scorer, sets, [[str(x) for x in s] for s in shapes],
+                                                         [92_000 + i for i in range(sizes.style_sets)], args)
+        say(out["style_aligned_shape"].line(), flush=True)
+    if "hyperfeatures_timestep_gain" in only:
+        train = toy_keypoint_pairs(sizes.hf_train_pairs, "train", world, seed=93, extra_points=sizes.hf_extra_points)
+        test = toy_keypoint_pairs(sizes.hf_test_pairs, "heldout", world, seed=93)
+        out["hyperfeatures_timestep_gain"] = hyperfeatures_timestep_gain(pipe, train, test,
+                                                                         train_steps=sizes.hf_train_steps)
+        say(out["hyperfeatures_timestep_gain"].line(), flush=True)
+    return out
+
+
+def load_folder(path, device: str = "cpu"):
+    """A StableDiffusionPipeline saved with save_pretrained (e.g. a pilot's export), as `load_pipeline("toy")`
+    loads the toy: fp32 on the CPU, DDIM, no progress bars."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    path = Path(path)
+    if not (path / "model_index.json").exists():
+        raise FileNotFoundError(f"{path} is not a saved pipeline (no model_index.json)")
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
+                                                   torch_dtype=torch.float32)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="toy", help="'toy' (the shipped model) or a saved pipeline folder")
+    p.add_argument("--world", default="v1", help="the toy world whose prompts / renders to use")
+    p.add_argument("--probes", default=None, help="probe weights (default: the shipped toy probes)")
+    p.add_argument("--sizes", default="small", choices=tuple(SIZES))
+    p.add_argument("--only", default=None, help=f"comma-separated subset of {list(BARS)}")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from .toyworld.probes import PROBE_FILE, Probes
+
+    if a.model == "toy":
+        from .models import load_pipeline
+
+        pipe = load_pipeline("toy", device="cpu")
+    else:
+        pipe = load_folder(a.model)
+    probes = Probes(a.probes or PROBE_FILE)
+    t0 = time.perf_counter()
+    res = toy_premises(pipe, probes.predict, world=a.world, sizes=a.sizes,
+                       only=a.only.split(",") if a.only else None)
+    print(f"\npremises of {a.model} (world {a.world}, sizes {a.sizes}) in {time.perf_counter() - t0:.0f} s")
+    for r in res.values():
+        print(r.line())
+    if a.json:
+        Path(a.json).write_text(json.dumps({"model": a.model, "world": a.world, "sizes": a.sizes,
+                                            "premises": {k: v.to_dict() for k, v in res.items()}}, indent=1, default=float))
+    return res
+
+
+if __name__ == "__main__":
+    main()
