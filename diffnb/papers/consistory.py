@@ -6,8 +6,9 @@ Re-implemented from the paper (the official code's licence is non-commercial; no
   2. subject-driven self-attention (SDSA): image i attends to its own tokens plus the subject tokens of the
      anchors, A_i = softmax(Q_i [K_i ; K_anchors]ᵀ/√d + log M_i⁺), with dropout on the shared tokens and the
      early-step queries mixed with those of a vanilla pass, Q* = v_t Q_vanilla + (1 - v_t) Q_SDSA;
-  3. feature injection: a second pass blends anchors' self-attention outputs into each image at positions matched
-     by DIFT features (cosine nearest neighbours inside the subject masks): x̂ = (1 - α) x + α x_src;
+  3. feature injection: a second pass blends anchors' self-attention outputs into each image's conditional half at
+     positions matched by DIFT features (cosine nearest neighbours among the anchors' subject patches, kept where
+     the distance is below an Otsu threshold and the target is in its subject mask): x̂ = (1 - α) x + α x_src;
   4. anchors: only the first `n_anchors` images are shared; their kept keys/values (and outputs) can be cached
      and reused to generate new prompts against the same subject without regenerating the anchors.
 
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..hooks import CrossAttentionStore, capture, token_index
+from ..inversion import decode_latents
 from ..layers import resolution, select_many
 from ..metrics import otsu_mask, otsu_threshold
 from ..processors import AttentionProcessor, RunState, attention_names, patch_attention, track_steps
@@ -47,9 +49,10 @@ class ConsiStoryArgs:
     inject_layers: str | tuple[str, ...] | None = None  # None: self-attention at the highest resolution (official)
     inject_alpha: float = 0.8
     inject_fraction: tuple[float, float] = (0.1, 1 / 3)  # steps n//10 .. n//3 (official (n//10, n//3, 0.8))
-    dift_layer: str = "up_blocks.1"  # DIFT feature (official SDXL: up_blocks.0 output; DIFT on SD: index 1)
-    dift_timestep: int = 261
-    dift_threshold: float | None = None  # cosine-distance cut; None: Otsu over the distances (official 'dynamic')
+    dift_layer: str = "up_blocks.1"  # DIFT feature: a block's output (DIFT on SD: index 1; official SDXL: up_blocks.0)
+    dift_timestep: int = 261  # official: pass 1's features at t = 261, conditional half
+    dift_sigma: float | None = None  # 3x3 Gaussian smoothing of the features (official SDXL: σ 1); None: none
+    dift_threshold: float | None = None  # cosine-distance cut; None: per image Otsu over every pixel's NN distance
 
     def __post_init__(self):
         if not 0 <= self.mask_dropout < 1:
@@ -65,7 +68,12 @@ class ConsiStoryArgs:
 
     @classmethod
     def for_model(cls, name: str, **overrides) -> "ConsiStoryArgs":
-        """The full method's settings for a registry model: the official ones on sdxl / sd15, scaled on the toy.
+        """The full method's settings for a registry model: the official ones on sdxl, scaled on the toy.
+
+        SDXL: 32x32 masks and DIFT from `up_blocks.0`'s output (64x64x1280) smoothed by a 3x3 Gaussian, as official.
+        SD1.5 and the toy (no official code): masks from every cross-attention layer and DIFT from `up_blocks.1`'s
+        output, unsmoothed, the DIFT paper's choice on SD (its index 1); `up_blocks.0` there is an attention-free
+        block at 1/32 of the image, too coarse for patch correspondences.
 
         Only the structure is scaled; dropout, query mixing and injection keep the official values. The toy has 7
         self-attention layers in all (SDXL's decoder alone has 36), so SDSA shares in every one of them, and all 4
@@ -73,7 +81,7 @@ class ConsiStoryArgs:
         With the official structure the toy shows no gain (`benchmarks/consistory_toy.py`, "official/...").
         """
         base = {"toy": dict(share_layers="self", n_anchors=None, mask_resolutions=(16,)),
-                "sdxl": dict(mask_resolutions=(32,)), "sd15": {}}.get(name)
+                "sdxl": dict(mask_resolutions=(32,), dift_layer="up_blocks.0", dift_sigma=1.0), "sd15": {}}.get(name)
         if base is None:
             raise ValueError(f"no ConsiStory defaults for {name!r}; known: toy, sdxl, sd15 (pass ConsiStoryArgs(...))")
         return replace(cls(), inject=True, **{**base, **overrides})
@@ -92,8 +100,9 @@ ABLATIONS = ladder(ConsiStoryArgs(inject=True))  # the paper's ladder with the o
 
 @dataclass
 class AnchorCache:
-    """What new prompts need from the anchors: kept subject keys/values and injected outputs per
-    (pass, layer, step), their DIFT features and final masks. Tensors stay on the model's device."""
+    """What new prompts need from the anchors: kept subject keys/values per (pass, layer, step), their
+    conditional-half outputs at the injection steps, their DIFT features and final masks. Tensors stay on the
+    model's device."""
     n_anchors: int
     n_steps: int
     halves: int
@@ -122,12 +131,21 @@ class ConsiStoryRun:
         self.n = len(token_ids)
         self.cached, self.record = anchors, record
         self.state, self.passno = RunState(), 1
-        self.store = CrossAttentionStore(resolutions=args.mask_resolutions)
+        self.store = CrossAttentionStore()  # fed only by the mask layers (`consistory` picks them)
         self.vanilla, self.queries = False, {}
         self.heat_history, self.masks_per_step, self._masks = [], [], {}
         self.nn = {}  # resolution -> (source index (n, P), use (n, P)) for feature injection
         self.record_kv, self.record_out = {}, {}
-        self.top_res, self.inject_res, self._last = None, [], None
+        self.share, self.injected, self.sizes, self._last = set(), set(), {}, None  # sizes: layer -> side as run
+
+    @property
+    def top_res(self) -> int | None:
+        """Side of the largest shared feature map as run (nominal sizes differ at other image sizes)."""
+        return max((self.sizes[x] for x in self.share if x in self.sizes), default=None)
+
+    @property
+    def inject_res(self) -> list[int]:
+        return sorted({self.sizes[x] for x in self.injected if x in self.sizes})
 
     # --- schedule --------------------------------------------------------------------------------------
     def sdsa_on(self) -> bool:
@@ -163,7 +181,7 @@ class ConsiStoryRun:
     def masks(self, r: int) -> torch.Tensor:
         """(n, r*r) bool: union over subject words of Otsu(mean heat of the last `mask_window` steps)."""
         if self.args.subject_masks == "all":
-            return torch.ones(self.n, r * r, dtype=torch.bool)
+            return torch.ones(self.n, r * r, dtype=torch.bool, device="cpu")
         if r not in self._masks:
             heat = torch.stack(self.heat_history[-self.args.mask_window:]).mean(0).permute(0, 3, 1, 2)
             heat = F.interpolate(heat, size=(r, r), mode="bilinear", align_corners=False)
@@ -176,7 +194,7 @@ class ConsiStoryRun:
         if self.args.mask_dropout == 0:
             return torch.ones(s, r * r, dtype=torch.bool, device=device)
         g = torch.Generator().manual_seed(self.args.dropout_seed * 1_000_003 + self.state.step * 1009 + r)
-        return (torch.rand(s, r * r, generator=g) >= self.args.mask_dropout).to(device)
+        return (torch.rand(s, r * r, generator=g, device="cpu") >= self.args.mask_dropout).to(device)
 
     def pre_hook(self, unet, args, kwargs):
         """Runs after `track_steps`: on a new step fold the masks, then the extra vanilla pass if mixing."""
@@ -190,13 +208,12 @@ class ConsiStoryRun:
                     unet.forward(*args, **kwargs)  # forward() skips hooks: no step counted
                 finally:
                     self.vanilla = False
-            if self.top_res is not None:
-                self.masks_per_step.append(self.masks(self.top_res).view(self.n, self.top_res, -1).clone()
-                                           if self.heat_history else None)
+            r = self.top_res
+            self.masks_per_step.append(self.masks(r).view(self.n, r, r).clone() if self.heat_history and r else None)
 
 
 class _MaskStore(AttentionProcessor):
-    """Feeds the run's cross-attention store, except during the vanilla query pass."""
+    """Feeds the run's cross-attention store (on the mask layers only), except during the vanilla query pass."""
     needs_probs = True
 
     def __init__(self, run: ConsiStoryRun):
@@ -216,6 +233,7 @@ class ConsiStoryAttention(AttentionProcessor):
 
     def attend(self, call, q, k, v, mask):
         run, name = self.run, self.layer_name
+        run.sizes[name] = call.height
         plain = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if name not in self.share:
             return plain()
@@ -253,42 +271,55 @@ class ConsiStoryAttention(AttentionProcessor):
                                               attn_mask=attn_mask)
 
     def edit_output(self, call, out):
+        """Feature injection into the conditional half only (as official); the unconditional half is untouched."""
         run = self.run
         if run.vanilla or self.layer_name not in self.inject or not run.inject_on(run.state.step):
             return out
         h, n, P, C = run.halves, run.n, out.shape[1], out.shape[2]
+        x = out.view(h, n, P, C)
         key = (run.passno, self.layer_name, run.state.step)
         if run.cached is not None:
             src_out = run.cached.out[key]
         else:
-            src_out = out.view(h, n, P, C)[:, run.sources()]
+            src_out = x[-1, run.sources()]  # (S, P, C), the anchors' conditional outputs
             if run.record:
                 run.record_out[key] = src_out
         if call.height not in run.nn:
             return out
         idx, use = (t.to(out.device) for t in run.nn[call.height])
         a = run.args.inject_alpha
-        picked = src_out.reshape(h, -1, C)[:, idx]  # (h, n, P, C)
-        x = out.view(h, n, P, C)
-        return torch.where(use[None, ..., None], a * picked + (1 - a) * x, x).reshape(out.shape)
+        cond = torch.where(use[..., None], a * src_out.reshape(-1, C)[idx] + (1 - a) * x[-1], x[-1])
+        return torch.cat([x[:-1], cond[None]]).reshape(out.shape)
 
 
 def nearest_subject_patches(target, source, source_mask, same=None):
-    """Cosine nearest neighbour of every target patch among the sources' subject patches.
+    """Cosine nearest neighbour of every target patch among the sources' patches.
 
-    target (n, C, P), source (S, C, P), source_mask (S, P) bool; `same[i] = j` when target i is source j
-    (excluded, as an image is not its own source). Returns index into S*P and the similarity, both (n, P).
+    target (n, C, P), source (S, C, P), source_mask (S, P) bool; a source patch outside its mask is at distance 2
+    (the largest cosine distance, as official); `same[i] = j` when target i is source j (excluded: infinite
+    distance, as an image is not its own source). Returns the index into S*P and the cosine distance, both (n, P).
     """
-    sim = torch.einsum("ncp,scq->npsq", F.normalize(target.float(), dim=1), F.normalize(source.float(), dim=1))
-    sim = sim.masked_fill(~source_mask[None, None].to(sim.device), -math.inf)
+    dist = 1 - torch.einsum("ncp,scq->npsq", F.normalize(target.float(), dim=1), F.normalize(source.float(), dim=1))
+    dist = dist.masked_fill(~source_mask[None, None].to(dist.device), 2.0)
     for i, j in (same or {}).items():
-        sim[i, :, j] = -math.inf
-    best, idx = sim.flatten(2).max(-1)
+        dist[i, :, j] = math.inf
+    best, idx = dist.flatten(2).min(-1)
     return idx, best
 
 
+def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """3x3 Gaussian per channel of (B, C, H, W), zero padding: the official smoothing of its DIFT features."""
+    g = torch.exp(-torch.tensor([-1.0, 0.0, 1.0], device=x.device) ** 2 / (2 * sigma**2))
+    k = (g[:, None] * g[None]) / (g.sum() ** 2)
+    return F.conv2d(x.float(), k.expand(x.shape[1], 1, 3, 3), padding=1, groups=x.shape[1])
+
+
 def _correspondences(run: ConsiStoryRun, feats: torch.Tensor, resolutions, anchor_feats=None, anchor_masks=None):
-    """DIFT maps per injection resolution: which source patch each subject patch of each image takes."""
+    """DIFT maps per injection resolution: which source patch each image's patch takes, and where to inject.
+
+    Injection happens where the target patch is in its subject mask AND its nearest-neighbour distance is below the
+    threshold; the 'dynamic' threshold (official) is Otsu over the distances of ALL the image's patches.
+    """
     for r in resolutions:
         tgt = F.interpolate(feats.float(), size=(r, r), mode="bilinear", align_corners=False).flatten(2)
         if anchor_feats is None:
@@ -297,15 +328,11 @@ def _correspondences(run: ConsiStoryRun, feats: torch.Tensor, resolutions, ancho
         else:
             src = F.interpolate(anchor_feats.float(), size=(r, r), mode="bilinear", align_corners=False).flatten(2)
             smask, same = anchor_masks[r], None
-        idx, best = nearest_subject_patches(tgt, src, smask, same)
-        dist, tmask = 1 - best, run.masks(r).to(best.device)
-        ok = tmask & torch.isfinite(dist)
-        thr = torch.full((len(dist), 1), math.inf if run.args.dift_threshold is None else run.args.dift_threshold)
-        if run.args.dift_threshold is None:  # per image, so an image's map does not depend on the rest of the batch
-            for i in range(len(dist)):
-                if ok[i].sum() >= 2:
-                    thr[i] = otsu_threshold(dist[i][ok[i]].cpu().numpy())
-        run.nn[r] = (idx, ok & (dist <= thr.to(dist.device)))
+        idx, dist = nearest_subject_patches(tgt, src, smask, same)
+        thr = [run.args.dift_threshold if run.args.dift_threshold is not None  # per image, as official
+               else otsu_threshold(d) if torch.isfinite(d).all() else -math.inf for d in dist]
+        below = dist < torch.tensor(thr, device=dist.device)[:, None]
+        run.nn[r] = (idx, run.masks(r).to(dist.device) & below)
 
 
 @contextmanager
@@ -323,12 +350,18 @@ def consistory(unet, run: ConsiStoryRun):
         inject = set(select_many(names, a.inject_layers, unet))
     if any(x.endswith("attn2") for x in share | inject):
         raise ValueError("ConsiStory shares and injects in self-attention (attn1) only; the patterns chose attn2")
-    run.top_res = max(resolution(unet, x) for x in share)
-    run.inject_res = sorted({resolution(unet, x) for x in inject})
+    cross = [x for x in names if x.endswith("attn2")]
+    have = sorted({resolution(unet, x) for x in cross})
+    if a.mask_resolutions is not None and (missing := sorted(set(a.mask_resolutions) - set(have))):
+        raise ValueError(f"mask_resolutions={a.mask_resolutions}: this UNet has no cross-attention at {missing} "
+                         f"(its cross-attention resolutions: {have}); masks would never form and ConsiStory would "
+                         f"silently be vanilla. Use ConsiStoryArgs.for_model(<this model>) or mask_resolutions={tuple(have)}")
+    masked = [x for x in cross if a.mask_resolutions is None or resolution(unet, x) in a.mask_resolutions]
+    run.share, run.injected = share, inject
     inject = inject if a.inject else set()
-    proc = ConsiStoryAttention(run, share, inject)
+    proc, store = ConsiStoryAttention(run, share, inject), _MaskStore(run)
     with ExitStack() as stack:
-        stack.enter_context(patch_attention(unet, {**{x: proc for x in share | inject}, "cross": _MaskStore(run)}))
+        stack.enter_context(patch_attention(unet, {**{x: proc for x in share | inject}, **{x: store for x in masked}}))
         stack.enter_context(track_steps(unet, run.state))
         stack.enter_context(unet.register_forward_pre_hook(run.pre_hook, with_kwargs=True))
         yield run
@@ -336,17 +369,20 @@ def consistory(unet, run: ConsiStoryRun):
 
 def _latents(pipe, seeds, height, width):
     shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), device="cpu") for s in seeds])
 
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], subject_words: list[str] | str, args: ConsiStoryArgs | None = None,
              seeds: list[int] | None = None, anchors: AnchorCache | None = None, cache_anchors: bool = False,
-             num_inference_steps: int = 20, guidance_scale: float = 5.0, **overrides) -> ConsiStoryOutput:
+             num_inference_steps: int = 20, guidance_scale: float = 5.0, size: int | None = None,
+             **overrides) -> ConsiStoryOutput:
     """Generate `prompts` with one consistent subject; images 0..n_anchors-1 are the anchors.
 
     `anchors`: an `AnchorCache` from an earlier call with `cache_anchors=True`; then every prompt is a new image
     that sees only the cached anchors (the anchors are not recomputed). `seeds`: one per image (default 0..n-1).
+    `size`: square image side in pixels (default: the model's). Decoding goes through `decode_latents`, in
+    batches that fit (SDXL's VAE runs in fp32).
     """
     valid = {f.name for f in fields(ConsiStoryArgs)}
     if unknown := set(overrides) - valid:
@@ -369,19 +405,22 @@ def generate(pipe, prompts: list[str], subject_words: list[str] | str, args: Con
     elif args.sdsa and args.n_anchors is not None and args.n_anchors > len(prompts):
         raise ValueError(f"n_anchors={args.n_anchors} exceeds the {len(prompts)} prompts")
     tok = [[token_index(pipe.tokenizer, p, w) for w in words] for p in prompts]
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     latents = _latents(pipe, seeds, size, size).to(pipe.device, pipe.unet.dtype)
     pipe.scheduler.set_timesteps(num_inference_steps)
     dift_step = int(torch.argmin((pipe.scheduler.timesteps.float() - args.dift_timestep).abs()))
     run = ConsiStoryRun(args, tok, num_inference_steps, halves, anchors, cache_anchors and anchors is None)
-    call = lambda: pipe(list(prompts), latents=latents, num_inference_steps=num_inference_steps,
-                        guidance_scale=guidance_scale, output_type="np").images
+    def call():
+        out = pipe(list(prompts), latents=latents, num_inference_steps=num_inference_steps, height=size, width=size,
+                   guidance_scale=guidance_scale, output_type="latent").images
+        return decode_latents(pipe, out, rounded=False) / 255
     with consistory(pipe.unet, run):
         if args.inject:
             with capture(pipe.unet, [args.dift_layer], steps=[dift_step], state=run.state, offload=None) as feats:
                 call()
             run.end_step()
-            dift = feats.get(args.dift_layer, dift_step)[-len(prompts):]
+            dift = feats.get(args.dift_layer, dift_step)[-len(prompts):]  # conditional half
+            dift = dift if args.dift_sigma is None else gaussian_smooth(dift, args.dift_sigma)
             final1 = {r: run.masks(r) for r in run.inject_res}
             if anchors is None:
                 _correspondences(run, dift, run.inject_res)
