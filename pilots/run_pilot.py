@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = Path(os.environ.get("DIFFNB_PILOT_RUNS", "/work/pilot_runs"))
-RESULTS = REPO / "pilots" / "results"
+RESULTS = Path(os.environ.get("DIFFNB_PILOT_RESULTS", REPO / "pilots" / "results"))
 SHIPPED_VAE = REPO / "diffnb" / "assets" / "toy" / "vae"
 
 # One budget for every pilot (issue 17: <= 40 CPU-minutes each): 3,000 UNet steps at batch 32 on one thread

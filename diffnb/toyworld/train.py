@@ -64,22 +64,35 @@ def _slots(world: str) -> int:
     return max(2, world_config(world).max_objects)
 
 
-def render_dataset(path: Path, n: int, world: str = "v1") -> dict:
-    """Images (n, 64, 64, 3) and labels: [n_objects, background, (shape, colour, detail) per object slot]."""
+def render_dataset(path: Path, n: int, world: str = "v1", masks_path: Path | None = None) -> dict:
+    """Images (n, 64, 64, 3) and labels: [n_objects, background, (shape, colour, detail) per object slot];
+    with `masks_path`, also the grounding masks of `object_masks` from the same renders."""
     if path.exists():
         return dict(np.load(path))
     ds, details = ToyDataset("train", length=n, world=world), world_config(world).details
-    images, labels = [], []
+    images, labels, masks = [], [], []
     for i in tqdm(range(n), desc="render"):
         r = ds[i]
         images.append(r.image)
+        if masks_path is not None:
+            masks.append(r.masks)
         o = r.scene.objects
         labels.append([len(o), BACKGROUNDS.index(r.scene.background)] + [
             v for k in range(_slots(world)) for v in ((SHAPES.index(o[k].shape), list(COLORS).index(o[k].color),
                                                        details.index(o[k].detail)) if k < len(o) else (-1, -1, -1))])
     data = dict(images=np.stack(images), labels=np.array(labels, dtype=np.int16))
     np.savez(path, **data)
+    if masks_path is not None and not masks_path.exists():  # the same renders: no second pass over the split
+        np.save(masks_path, np.stack([_cell_fractions(m, _slots(world)) for m in masks]))
     return data
+
+
+def _cell_fractions(masks: np.ndarray, slots: int, size: int = IMAGE_SIZE // 4) -> np.ndarray:
+    """(slots, size, size) float16: each object's visible area fraction per latent cell (zeros for a missing one)."""
+    out, f = np.zeros((slots, size, size), np.float16), IMAGE_SIZE // size
+    m = masks[:-1].astype(np.float32)
+    out[:len(m)] = m.reshape(len(m), size, f, size, f).mean(axis=(2, 4))
+    return out
 
 
 def object_masks(path: Path, n: int, size: int = IMAGE_SIZE // 4, world: str = "v1") -> np.ndarray:
@@ -376,7 +389,8 @@ def main(argv=None):
             log_file.write(f"{stage},{step},{value:.5f},{last[stage]:.5f},{time.time():.0f}\n")
             log_file.flush()
 
-    data = render_dataset(args.out / "data.npz", args.n_images, args.world)
+    data = render_dataset(args.out / "data.npz", args.n_images, args.world,
+                          args.out / "masks16.npy" if args.grounding > 0 else None)
     if args.vae_from is None:
         train_vae(vae, data, args, device, log)
     vae.eval()
