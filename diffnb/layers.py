@@ -5,10 +5,14 @@ Patterns are globs over dotted module paths (`*` crosses dots), with aliases and
   - `self` / `cross` alone select every self- (`attn1`) / cross-attention (`attn2`) layer
   - a suffix `@16` keeps layers whose nominal feature map is 16x16 (at the model's default sample size)
   - `re:` starts a regular expression (fullmatch) instead of a glob
-Examples: `up.*.attn1`, `cross@16`, `down_blocks.1.*attn2`, `re:up_blocks\\.[12]\\..*attn1`.
+  - `=` starts an exact layer name: no aliases, no wildcards, no `@` filter (`exact(name)` writes it). Use it to
+    address one layer whose name you have (from `attention_names`, a sweep, a saved result) with no escaping.
+Examples: `up.*.attn1`, `cross@16`, `down_blocks.1.*attn2`, `re:up_blocks\\.[12]\\..*attn1`,
+`=up_blocks.1.attentions.0.transformer_blocks.0.attn1`.
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
 
@@ -42,9 +46,19 @@ def resolution(unet, name: str) -> int | None:
     return size // 2**level
 
 
+def exact(name: str) -> str:
+    """The pattern that selects exactly the layer `name` (see the module docstring)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a layer name must be a non-empty str, got {name!r}")
+    return "=" + name
+
+
 def _compile(pattern: str):
     if pattern.startswith("re:"):
-        rx = re.compile(pattern[3:])
+        try:
+            rx = re.compile(pattern[3:])
+        except re.error as err:
+            raise ValueError(f"bad regular expression in layer pattern {pattern!r}: {err}") from None
         return lambda name: rx.fullmatch(name) is not None
     glob = KINDS.get(pattern, pattern)
     for short, full in ALIASES.items():
@@ -58,6 +72,14 @@ def select(names, pattern: str, unet=None) -> list[str]:
     if not isinstance(pattern, str):
         raise TypeError(f"a layer pattern must be a str, got {type(pattern).__name__}")
     names = list(names)
+    if not pattern.strip():
+        raise ValueError("an empty layer pattern selects nothing on purpose: use '*' for every layer")
+    if pattern.startswith("="):
+        if pattern[1:] in names:
+            return [pattern[1:]]
+        close = difflib.get_close_matches(pattern[1:], names, n=3, cutoff=0.6)
+        raise ValueError(f"no layer is named {pattern[1:]!r} (an exact-name pattern)"
+                         f"{'; close: ' + ', '.join(close) if close else ''}")
     base, res = pattern, None
     if "@" in pattern and not pattern.startswith("re:"):
         base, _, res_s = pattern.rpartition("@")
@@ -80,5 +102,9 @@ def select_many(names, patterns, unet=None) -> list[str]:
     """Union of several patterns (each must match something), in the names' order."""
     if isinstance(patterns, str):
         patterns = [patterns]
+    if not isinstance(patterns, (list, tuple, set, frozenset)):
+        raise TypeError(f"layer patterns must be a str or a list of str, got {type(patterns).__name__}")
+    if not patterns:
+        raise ValueError("no layer patterns given (an empty list selects nothing): use '*' for every layer")
     chosen = {n for p in patterns for n in select(names, p, unet)}
     return [n for n in names if n in chosen]

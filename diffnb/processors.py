@@ -38,6 +38,11 @@ class RunState:
 @contextmanager
 def track_steps(unet, state: RunState):
     """Keep `state.step` / `state.timestep` current: a forward pre-hook on the UNet reads the timestep."""
+    if not isinstance(state, RunState):
+        raise TypeError(f"track_steps needs a RunState, got {type(state).__name__}")
+    if not isinstance(unet, torch.nn.Module):
+        raise TypeError(f"track_steps needs the UNet (a torch module), got {type(unet).__name__}: pass pipe.unet")
+
     def pre_hook(module, args, kwargs):
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         t = float(t.flatten()[0]) if torch.is_tensor(t) else (float(t) if t is not None else None)
@@ -186,6 +191,9 @@ def patch_attention(unet, processors: dict):
     names = [k[: -len(".processor")] for k in original]
     new = dict(original)
     for pattern, proc in processors.items():
+        if isinstance(proc, type):
+            raise TypeError(f"the processor for {pattern!r} is the class {proc.__name__}, not an instance: "
+                            f"write {proc.__name__}(...)")
         if not callable(proc):
             raise TypeError(f"the processor for {pattern!r} is not callable: {proc!r}")
         for name in select(names, pattern, unet):
@@ -209,6 +217,12 @@ class TokenReweight(AttentionProcessor):
         super().__init__(state)
         if not isinstance(token_weights, dict) or not token_weights:
             raise ValueError("token_weights must be a non-empty dict {token index: weight}")
+        for idx, weight in token_weights.items():
+            if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+                raise TypeError(f"token_weights keys are token positions (ints >= 0, see hooks.token_index), got "
+                                f"{idx!r}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise TypeError(f"the weight of token {idx} must be a finite number, got {weight!r}")
         self.token_weights = token_weights
 
     def edit_probs(self, call, probs):

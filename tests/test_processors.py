@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffnb.layers import select
+from diffnb.layers import exact, select
 from diffnb.processors import (AttentionProcessor, RunState, TokenReweight, attention_layers, attention_names,
                                patch_attention, track_steps)
 from tests.conftest import gen
@@ -70,6 +70,20 @@ def test_patterns_select_by_name_and_resolution(tiny):
         chosen = select(names, f"cross@{r}", tiny.unet)
         assert all(row["resolution"] == r for row in attention_layers(tiny.unet) if row["name"] in chosen)
     assert select(names, r"re:up_blocks\.\d+\..*attn2") == [n for n in names if n.startswith("up_blocks") and n.endswith("attn2")]
+
+
+def test_exact_name_is_a_pattern(tiny):
+    """`=name` (or `exact(name)`) selects one layer, whatever the name looks like, with no escaping."""
+    names = attention_names(tiny.unet)
+    for name in names:
+        assert select(names, exact(name)) == [name] == select(names, "=" + name)
+    proc = AttentionProcessor()
+    with patch_attention(tiny.unet, {exact(names[-1]): proc}):
+        installed = [k for k, v in tiny.unet.attn_processors.items() if isinstance(v, AttentionProcessor)]
+    assert installed == [names[-1] + ".processor"]
+    with pytest.raises(ValueError, match="no layer is named") as info:
+        select(names, "=" + names[0][:-1] + "9")
+    assert names[0] in str(info.value).split("close: ")[1]  # a typo names the closest layers
 
 
 @pytest.mark.parametrize("pattern, err", [("up.*.attn9", "matches nothing"), ("cross@7", "matches nothing"),
