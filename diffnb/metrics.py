@@ -6,16 +6,34 @@ import torch
 
 
 def _np(x) -> np.ndarray:
-    return x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    """numpy of an array / tensor; uint8 and bool tensors keep their dtype (it says what the values mean)."""
+    if not torch.is_tensor(x):
+        return np.asarray(x)
+    x = x.detach().cpu()
+    return x.numpy() if x.dtype in (torch.uint8, torch.bool) else x.float().numpy()
 
 
-def psnr(a, b) -> float:
-    """Peak signal-to-noise ratio in dB between two uint8 images (or batches)."""
-    a, b = _np(a).astype(np.float64), _np(b).astype(np.float64)
+def psnr(a, b, data_range: float | None = None) -> float:
+    """Peak signal-to-noise ratio in dB between two images (or batches), by scikit-image.
+
+    uint8 images have their peak (255) from their type; float images need `data_range` (e.g. 1.0 for [0, 1], 255.0
+    for unrounded 0..255 values): guessing it from the dtype, as scikit-image would, is how 0..255 floats end up
+    scored against a peak of 1.
+    """
+    from skimage.metrics import peak_signal_noise_ratio
+
+    a, b = _np(a), _np(b)
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
-    mse = np.mean((a - b) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+    if data_range is None:
+        if a.dtype != np.uint8 or b.dtype != np.uint8:
+            raise ValueError(f"psnr of non-uint8 images ({a.dtype}, {b.dtype}) needs data_range= (1.0 for [0, 1], 255.0 "
+                             f"for 0..255 floats)")
+        data_range = 255.0
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    if np.array_equal(a, b):
+        return float("inf")  # scikit-image divides by zero here (and warns)
+    return float(peak_signal_noise_ratio(a, b, data_range=data_range))
 
 
 def otsu_threshold(values) -> float:
@@ -32,8 +50,17 @@ def otsu_mask(heat) -> np.ndarray:
     return h > otsu_threshold(h)
 
 
+def _binary(x, what: str) -> np.ndarray:
+    x = _np(x)
+    if x.dtype != bool and not np.isin(x, (0, 1)).all():
+        raise ValueError(f"{what} must be binary (bool or 0/1), got values in [{x.min():.3g}, {x.max():.3g}]: "
+                         f"threshold a soft map first (e.g. otsu_mask)")
+    return x.astype(bool)
+
+
 def iou(a, b) -> float:
-    a, b = _np(a).astype(bool), _np(b).astype(bool)
+    """Intersection over union of two binary masks (1.0 when both are empty)."""
+    a, b = _binary(a, "mask a"), _binary(b, "mask b")
     if a.shape != b.shape:
         raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
     union = (a | b).sum()
@@ -41,22 +68,37 @@ def iou(a, b) -> float:
 
 
 def color_fraction(images, rgb, tol: float = 80.0) -> float:
-    """Fraction of pixels within `tol` (Euclidean, 0-255) of a colour: a crude, exact colour meter."""
-    x = _np(images).astype(np.float64)
+    """Fraction of pixels within `tol` (Euclidean, 0-255) of a colour: a crude, exact colour meter.
+
+    `images` go through `diffnb.images.to_uint8` (so a [0, 1] float batch is measured on the 0..255 scale too)."""
+    from .images import to_uint8
+
+    if len(rgb) != 3:
+        raise ValueError(f"rgb must be three 0..255 values, got {rgb!r}")
+    x = to_uint8(images).astype(np.float64)
     return float((np.linalg.norm(x - np.asarray(rgb, dtype=np.float64), axis=-1) < tol).mean())
 
 
 def paired_bootstrap(base, method, n: int = 10_000, level: float = 0.95, seed: int = 0) -> dict:
-    """Mean gain of `method` over `base` on the same units (sets, images) with a percentile bootstrap interval.
+    """Mean gain of `method` over `base` on the same units (sets, images) with a percentile bootstrap interval
+    (`scipy.stats.bootstrap` over the paired differences).
 
     A bar like "+0.3 over vanilla" measured on 24 sets is a noisy number; the interval says how noisy.
     """
+    from scipy.stats import bootstrap
+
     a, b = _np(base).astype(np.float64).ravel(), _np(method).astype(np.float64).ravel()
     if a.shape != b.shape or a.size < 2:
         raise ValueError(f"need two equal-length lists of >= 2 paired values, got {a.size} and {b.size}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("paired_bootstrap got NaN or infinite values: drop or fix those units first")
     d = b - a
-    means = d[np.random.default_rng(seed).integers(0, d.size, (n, d.size))].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    if np.ptp(d) == 0:  # every resample has the same mean (scipy would warn about a degenerate distribution)
+        lo = hi = float(d[0])
+    else:
+        res = bootstrap((d,), np.mean, n_resamples=n, confidence_level=level, method="percentile", vectorized=True,
+                        rng=np.random.default_rng(seed))
+        lo, hi = res.confidence_interval
     return {"gain": float(d.mean()), "low": float(lo), "high": float(hi), "level": level, "units": int(d.size)}

@@ -30,12 +30,27 @@ def generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
-def claim(notebook: str, name: str, value: float, baseline: float | None = None, target: str = "") -> dict:
-    """Print one measured claim and, under `make tour`, record it for the summary table."""
-    row = dict(notebook=notebook, claim=name, value=float(value),
-               baseline=None if baseline is None else float(baseline), target=target)
+def claim(notebook: str, name: str, value: float, baseline: float | None = None, target: str = "",
+          met: bool | None = None) -> dict:
+    """Print one measured claim and, under `make tour`, record it for the summary table.
+
+    `met` says whether the measured value meets the claim's bar (True / False; None = a reported number with no bar,
+    e.g. on a real model where the toy bars do not apply). The tour prints it as a check / cross column.
+    """
+    if not isinstance(notebook, str) or not isinstance(name, str) or not name:
+        raise TypeError(f"claim(notebook, name, ...) takes two strings first, got {notebook!r}, {name!r}")
+    if met is not None and not isinstance(met, (bool, np.bool_)):
+        raise TypeError(f"met must be True, False or None (no bar), got {met!r}")
+    try:
+        value = float(value)
+        baseline = None if baseline is None else float(baseline)
+    except (TypeError, ValueError):
+        raise TypeError(f"claim {name!r}: value and baseline must be numbers, got {value!r} and {baseline!r}") from None
+    row = dict(notebook=notebook, claim=name, value=value, baseline=baseline, target=str(target),
+               met=None if met is None else bool(met))
     base = "" if baseline is None else f" (baseline {baseline:.3f})"
-    print(f"[{notebook}] {name}: {value:.4g}{base} {target}")
+    mark = {None: "", True: " ✓", False: " ✗"}[row["met"]]
+    print(f"[{notebook}] {name}: {value:.4g}{base} {target}{mark}")
     out = os.environ.get("DIFFNB_RESULTS")
     if out:
         path = Path(out) / f"{notebook}.jsonl"

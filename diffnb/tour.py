@@ -1,9 +1,17 @@
 """`make tour`: execute every notebook, keep executed copies (+ HTML) under build/, refresh figures/,
-and print one table of the claims the notebooks measured.
+and print one table of the claims the notebooks measured (with a ✓ / ✗ column for claims that have a bar).
 
-`python -m diffnb.tour 01 04` re-runs only the notebooks with those numbers; the other claims are kept."""
+    python -m diffnb.tour                      # every notebook of the repository this package sits in
+    python -m diffnb.tour 01 04                # only those numbers; the other claims are kept
+    python -m diffnb.tour --notebooks DIR      # notebooks elsewhere (e.g. a clone, when diffnb is pip-installed)
+
+The notebooks are not part of the installed package: they are found in `--notebooks DIR`, else `$DIFFNB_NOTEBOOKS`,
+else `notebooks/` next to the package (a clone or an editable install), else `./notebooks`. Finding none is an error
+(exit status 2) that says so; build/ and figures/ are written next to the notebooks folder.
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -12,28 +20,72 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PATTERN = "[0-9][0-9]_*.ipynb"
+MARKS = {True: "✓", False: "✗", None: ""}
+
+
+def find_notebooks(folder: str | os.PathLike | None = None) -> Path:
+    """The folder holding the numbered notebooks; a clear error (SystemExit 2) naming where it looked otherwise."""
+    if folder is not None:
+        candidates = [Path(folder)]
+    elif os.environ.get("DIFFNB_NOTEBOOKS"):
+        candidates = [Path(os.environ["DIFFNB_NOTEBOOKS"])]
+    else:
+        candidates = [ROOT / "notebooks", Path.cwd() / "notebooks"]
+    for c in candidates:
+        if c.is_dir() and any(c.glob(PATTERN)):
+            return c.resolve()
+    looked = ", ".join(str(c) for c in dict.fromkeys(candidates))
+    print(f"diffnb.tour: no notebooks ({PATTERN}) found in {looked}. The notebooks ship with the repository, not "
+          f"with the installed package: run `make tour` in a clone, or pass --notebooks DIR (or set "
+          f"DIFFNB_NOTEBOOKS) to point at a clone's notebooks/ folder.", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def table(rows: list[dict]) -> str:
+    """The claims table: notebook, claim, value, baseline, met (✓ / ✗, blank when the claim has no bar), target."""
+    lines = [f"{'notebook':14s} {'claim':52s} {'value':>9s} {'baseline':>9s} met  target"]
+    for r in rows:
+        base = "" if r.get("baseline") is None else f"{r['baseline']:.4g}"
+        lines.append(f"{r['notebook']:14s} {r['claim']:52s} {r['value']:9.4g} {base:>9s}  {MARKS[r.get('met')]:1s}   "
+                     f"{r.get('target', '')}")
+    met = [r.get("met") for r in rows if r.get("met") is not None]
+    if met:
+        lines.append(f"\n{sum(met)} of {len(met)} claims with a bar met")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    import nbformat
-    from nbconvert import HTMLExporter
-    from nbconvert.preprocessors import ExecutePreprocessor
+    parser = argparse.ArgumentParser(prog="python -m diffnb.tour", description=__doc__.split("\n\n")[0])
+    parser.add_argument("only", nargs="*", help="notebook numbers to re-run (default: all)")
+    parser.add_argument("--notebooks", help="folder with the numbered notebooks (default: see the module docstring)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    folder = find_notebooks(args.notebooks)
+    try:
+        import nbformat
+        from nbconvert import HTMLExporter
+        from nbconvert.preprocessors import ExecutePreprocessor
+    except ImportError as err:
+        print(f"diffnb.tour needs nbformat and nbconvert ({err.name} is missing): pip install 'diffnb[dev]'",
+              file=sys.stderr)
+        return 2
 
-    build = ROOT / "build" / "tour"
+    root = folder.parent
+    build = root / "build" / "tour"
     results = build / "results"
-    only = sys.argv[1:] if argv is None else argv
-    notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    if only:
-        if unknown := set(only) - {p.name[:2] for p in notebooks}:
-            raise SystemExit(f"no notebook numbered {sorted(unknown)}; known: {[p.name[:2] for p in notebooks]}")
-        notebooks = [p for p in notebooks if p.name[:2] in only]
+    notebooks = sorted(folder.glob(PATTERN))
+    if args.only:
+        if unknown := set(args.only) - {p.name[:2] for p in notebooks}:
+            print(f"no notebook numbered {sorted(unknown)}; known: {[p.name[:2] for p in notebooks]}", file=sys.stderr)
+            return 2
+        notebooks = [p for p in notebooks if p.name[:2] in args.only]
         for p in notebooks:
             (results / f"{p.stem}.jsonl").unlink(missing_ok=True)
     else:
         shutil.rmtree(results, ignore_errors=True)
     results.mkdir(parents=True, exist_ok=True)
     os.environ["DIFFNB_RESULTS"] = str(results)
-    os.environ["DIFFNB_FIGURES"] = str(ROOT / "figures")
+    os.environ["DIFFNB_FIGURES"] = str(root / "figures")
     failed = []
     for path in notebooks:
         nb = nbformat.read(path, as_version=4)
@@ -48,12 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         (build / path.with_suffix(".html").name).write_text(HTMLExporter().from_notebook_node(nb)[0])
         print(f"{path.name:32s} {status:6s} {time.time() - start:6.1f} s  -> {build / path.name}")
     rows = [json.loads(line) for f in sorted(results.glob("*.jsonl")) for line in f.read_text().splitlines()]
-    print(f"\n{'notebook':14s} {'claim':52s} {'value':>9s} {'baseline':>9s}  target")
-    for r in rows:
-        base = "" if r["baseline"] is None else f"{r['baseline']:.4g}"
-        print(f"{r['notebook']:14s} {r['claim']:52s} {r['value']:9.4g} {base:>9s}  {r['target']}")
-    print(f"\nfigures: {ROOT / 'figures'}")
-    return 1 if failed else 0
+    print()
+    print(table(rows) if rows else "no claims were recorded (did the notebooks call diffnb.nb.claim?)")
+    print(f"\nfigures: {root / 'figures'}")
+    return 1 if failed or not rows else 0
 
 
 if __name__ == "__main__":

@@ -75,3 +75,43 @@ def test_paired_bootstrap():
         paired_bootstrap([1, 2, 3], [1, 2])
     with pytest.raises(ValueError, match="level"):
         paired_bootstrap([1, 2], [1, 2], level=1.5)
+
+
+def test_paired_bootstrap_keeps_the_old_numbers():
+    """scipy.stats.bootstrap (percentile) replaced a hand-written resampler: same gain and interval on a fixed example.
+    The numbers are what the old code (integers(0, n, (10000, n)) draws from default_rng(0), np.quantile) gave."""
+    rng = np.random.default_rng(1)
+    base = rng.random(24)
+    r = paired_bootstrap(base, base + 0.3 + 0.2 * rng.standard_normal(24))
+    assert r["gain"] == pytest.approx(0.24940090475253887, abs=1e-12)
+    assert r["low"] == pytest.approx(0.1654809855677095, abs=2e-3)
+    assert r["high"] == pytest.approx(0.33413020774194147, abs=2e-3)
+
+
+def test_psnr_is_scikit_image_with_the_peak_from_the_type():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-9, 10, a.shape), 0, 255).astype(np.uint8)
+    mse = np.mean((a.astype(float) - b.astype(float)) ** 2)
+    assert psnr(a, b) == pytest.approx(10 * np.log10(255**2 / mse), abs=1e-9)  # the old formula
+    assert psnr(a / 255.0, b / 255.0, data_range=1.0) == pytest.approx(psnr(a, b), abs=1e-9)
+    assert psnr(torch.from_numpy(a), torch.from_numpy(a)) == float("inf")
+
+
+def test_claim_records_met_and_the_tour_prints_it(tmp_path, monkeypatch, capsys):
+    from diffnb.nb import claim
+    from diffnb.tour import table
+
+    monkeypatch.setenv("DIFFNB_RESULTS", str(tmp_path))
+    rows = [claim("01_x", "agreement", 0.9, 0.5, "> 0.8", met=True), claim("01_x", "speed", 1.5, target="<= 1.35x",
+                                                                           met=False),
+            claim("01_x", "reported only", 3.0)]  # the old positional call still works
+    assert [r["met"] for r in rows] == [True, False, None]
+    assert "✓" in capsys.readouterr().out
+    import json
+    saved = [json.loads(line) for line in (tmp_path / "01_x.jsonl").read_text().splitlines()]
+    assert saved == rows
+    out = table(saved).splitlines()
+    assert "met" in out[0] and "✓" in out[1] and "✗" in out[2] and "✓" not in out[3] and "✗" not in out[3]
+    assert "1 of 2 claims with a bar met" in out[-1]
+    assert "met" in table([{k: v for k, v in rows[2].items() if k != "met"}])  # rows recorded before `met` existed
