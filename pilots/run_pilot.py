@@ -39,6 +39,9 @@ PILOTS = {
     "pattern": dict(world="pattern"),
     "multi": dict(world="multi"),
     "v2": dict(world="v2"),
+    # architecture: two transformer blocks per attention (more for self-attention to carry); same steps, so it
+    # costs more CPU than the others (recorded in its result)
+    "v2_deep": dict(world="v2", transformer_layers=2),
 }
 
 
@@ -51,7 +54,8 @@ def train_command(name: str) -> list[str]:
     cfg = {**BUDGET, **PILOTS[name]}
     out = RUNS / name
     cmd = [sys.executable, "-m", "diffnb.toyworld.train", "--out", str(out), "--export", str(out / "export"),
-           "--world", cfg["world"], "--vae-from", str(SHIPPED_VAE), "--threads", "1"]
+           "--world", cfg["world"], "--vae-from", str(SHIPPED_VAE), "--threads", "1",
+           "--transformer-layers", str(cfg.get("transformer_layers", 1))]
     for key in ("unet_steps", "n_images", "batch", "lr", "cooldown_from", "grounding", "ckpt_every", "seed"):
         cmd += [f"--{key.replace('_', '-')}", str(cfg[key])]
     return cmd
@@ -86,35 +90,40 @@ def score_pilot(name: str) -> bool:
 
 
 def queue() -> None:
+    """Train and score every pilot named in pilots/queue.txt, in order, one at a time; each pilot runs as its own
+    `run_pilot.py NAME` process, so names and code added while the queue runs are picked up. A pilot whose
+    process exits with an error is marked failed (RUNS/NAME/failed) and skipped; one killed by a signal is not
+    (run the queue again and it resumes from its last checkpoint)."""
     qfile = REPO / "pilots" / "queue.txt"
+    RUNS.mkdir(parents=True, exist_ok=True)
     while True:
         names = [n.strip() for n in qfile.read_text().splitlines() if n.strip() and not n.startswith("#")]
         trained = lambda n: (RUNS / n / "export" / "model_index.json").exists()
-        todo = [n for n in names if not trained(n) and not (RUNS / n / "failed").exists()]
-        if not todo:  # every pilot trained: score those without a result (once more), then stop
+        todo = [n for n in names if not trained(n) and not (RUNS / n / "failed").exists()
+                and not (RUNS / f"{n}.lock").exists()]
+        if not todo:  # every pilot trained (or busy elsewhere): score those without a result (once more), then stop
             for n in names:
-                if trained(n) and not (RESULTS / f"{n}.json").exists():
+                if trained(n) and not (RESULTS / f"{n}.json").exists() and not (RUNS / n / "score_failed").exists():
                     score_pilot(n)
             print("queue empty", flush=True)
             return
         name = todo[0]
         lock = RUNS / f"{name}.lock"
-        RUNS.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             os.write(fd, str(os.getpid()).encode())
             os.close(fd)
         except FileExistsError:
-            print(f"{name}: locked by {lock.read_text()}; skipping", flush=True)
-            (RUNS / name).mkdir(parents=True, exist_ok=True)
-            time.sleep(60)
             continue
         try:
             print(f"=== pilot {name} {time.strftime('%H:%M:%S')}", flush=True)
-            run(name)
-        except subprocess.CalledProcessError as e:
-            print(f"pilot {name} failed: {e}", flush=True)
-            (RUNS / name / "failed").write_text(str(e))
+            rc = subprocess.run([sys.executable, str(Path(__file__).resolve()), name], cwd=REPO).returncode
+            if rc > 0:
+                (RUNS / name).mkdir(parents=True, exist_ok=True)
+                (RUNS / name / "failed").write_text(f"run_pilot.py {name} exited with {rc}; see the queue log")
+            elif rc < 0:
+                print(f"pilot {name} killed by signal {-rc}; stopping the queue", flush=True)
+                return
         finally:
             lock.unlink(missing_ok=True)
 

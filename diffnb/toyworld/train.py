@@ -36,8 +36,9 @@ GROUNDED_MAX_T = 500  # ... at timesteps below this one
 PROMPT_DROPOUT = dict(p_empty=0.1, p_drop_shape=0.15, p_drop_color=0.25, p_drop_background=0.3)
 
 
-def toy_components(tokenizer_dir: Path, n_tokens: int = MAX_TOKENS):
-    """The toy model's architecture: SD1.5-shaped, small enough for a CPU. `n_tokens`: `prompts.max_tokens(world)`."""
+def toy_components(tokenizer_dir: Path, n_tokens: int = MAX_TOKENS, transformer_layers: int = 1):
+    """The toy model's architecture: SD1.5-shaped, small enough for a CPU. `n_tokens`: `prompts.max_tokens(world)`;
+    `transformer_layers`: transformer blocks per attention (1: the shipped model; SD1.5 has 1, SDXL 2 and 10)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -55,7 +56,7 @@ def toy_components(tokenizer_dir: Path, n_tokens: int = MAX_TOKENS):
         block_out_channels=(32, 64, 128),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32, transformer_layers_per_block=transformer_layers)
     return tokenizer, text_encoder, vae, unet
 
 
@@ -352,6 +353,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world", default="v1", choices=tuple(WORLDS),
                    help="which world variant to train on (diffnb.toyworld.world.WORLDS; v1: the shipped model's)")
+    p.add_argument("--transformer-layers", type=int, default=1,
+                   help="transformer blocks per attention in the UNet (1: the shipped model)")
     p.add_argument("--vae-from", type=Path, default=None,
                    help="reuse this trained AutoencoderKL folder (e.g. diffnb/assets/toy/vae) instead of training one: "
                         "for worlds whose images are of the same kind, so a fixed budget goes to the UNet")
@@ -371,7 +374,7 @@ def main(argv=None):
     if not tok_dir.exists():
         fresh.rename(tok_dir)
     shutil.rmtree(fresh, ignore_errors=True)
-    tokenizer, text_encoder, vae, unet = toy_components(tok_dir, n_tokens)
+    tokenizer, text_encoder, vae, unet = toy_components(tok_dir, n_tokens, args.transformer_layers)
     if args.vae_from is not None:
         from diffusers import AutoencoderKL
 
