@@ -213,3 +213,29 @@ def test_three_object_prompts_fit_and_training_labels_round_trip(tmp_path):
     for i, row in enumerate(data["labels"]):
         assert row[0] == len(ds[i].scene.objects)
     assert all(isinstance(t, str) for t in texts)
+
+
+def test_pilot_training_path_reuses_the_vae_and_exports_a_loadable_pipeline(tmp_path):
+    """What pilots/run_pilot.py runs, at toy sizes: a world variant, the shipped VAE reused (not retrained), two
+    transformer blocks, a fixed number of steps, checkpoint, resume, export, load."""
+    from pathlib import Path
+
+    import torch
+
+    from diffnb.premises import load_folder
+    from diffnb.toyworld.train import main
+
+    vae = Path(__file__).resolve().parents[1] / "diffnb" / "assets" / "toy" / "vae"
+    if not (vae / "config.json").exists():
+        pytest.skip("no shipped VAE")
+    argv = ["--out", str(tmp_path / "run"), "--export", str(tmp_path / "export"), "--world", "multi", "--vae-from",
+            str(vae), "--n-images", "24", "--batch", "4", "--ckpt-every", "1", "--transformer-layers", "2", "--threads", "1"]
+    main(argv + ["--unet-steps", "1"])
+    assert torch.load(tmp_path / "run" / "unet.pt", map_location="cpu")["step"] == 1 and not (tmp_path / "run" / "vae.pt").exists()
+    main(argv + ["--unet-steps", "2"])  # resumes at step 1
+    assert torch.load(tmp_path / "run" / "unet.pt", map_location="cpu")["step"] == 2
+    pipe = load_folder(tmp_path / "export")
+    assert pipe.unet.config.transformer_layers_per_block == 2 and pipe.tokenizer.model_max_length == 20
+    img = pipe(["a red heart and a blue moon and a green circle on a dotted background"], num_inference_steps=2,
+               output_type="np").images
+    assert img.shape == (1, 64, 64, 3)
