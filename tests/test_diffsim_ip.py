@@ -1,62 +1,31 @@
-"""DiffSim-C on a tiny random IP-Adapter Plus, built offline in the checkpoint format of h94/IP-Adapter."""
+"""DiffSim-C on a tiny random IP-Adapter Plus, written offline in h94/IP-Adapter's layout and loaded through
+diffusers' own `load_ip_adapter` (`ip_adapter`), which must leave the pipeline exactly as it found it."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from diffnb.models import tiny_pipeline
-from diffnb.papers.diffsim import IPAlignedAttentionScore, diffsim_c, ip_score_processors
+from diffnb.papers.diffsim import (IP_ADAPTERS, VIT_SMALL, IPAlignedAttentionScore, diffsim, diffsim_c, ip_adapter,
+                                   ip_score_processors, write_standin_ip_adapter)
 
 LAYER = "up_blocks.1.attentions.1.transformer_blocks.0.attn2"  # up_blocks[1]'s last transformer block
-CLIP_DIM, RESAMPLER_DIM, QUERIES = 32, 64, 4  # the Resampler's width is heads x 64 (diffusers infers heads from it)
-
-
-def ip_adapter_plus_state_dict(unet, seed=0) -> dict:
-    """Random weights under the original checkpoint's key names: a 4-layer Perceiver Resampler ("image_proj.*")
-    and to_k_ip / to_v_ip for every cross-attention layer ("ip_adapter.{1,3,5,...}.*", attn1/attn2 interleaved)."""
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *shape, s=0.1: torch.randn(*shape, generator=g) * s
-    d, cross = RESAMPLER_DIM, unet.config.cross_attention_dim
-    sd = {"latents": rnd(1, QUERIES, d, s=d ** -0.5), "proj_in.weight": rnd(d, CLIP_DIM), "proj_in.bias": rnd(d),
-          "proj_out.weight": rnd(cross, d), "proj_out.bias": rnd(cross),
-          "norm_out.weight": 1 + rnd(cross), "norm_out.bias": rnd(cross)}
-    for i in range(4):  # layers.i.0: PerceiverAttention, layers.i.1: FeedForward (LayerNorm, Linear, GELU, Linear)
-        for norm in ("0.norm1", "0.norm2", "1.0"):
-            sd[f"layers.{i}.{norm}.weight"], sd[f"layers.{i}.{norm}.bias"] = 1 + rnd(d), rnd(d)
-        sd.update({f"layers.{i}.0.to_q.weight": rnd(d, d), f"layers.{i}.0.to_kv.weight": rnd(2 * d, d),
-                   f"layers.{i}.0.to_out.weight": rnd(d, d), f"layers.{i}.1.1.weight": rnd(4 * d, d),
-                   f"layers.{i}.1.3.weight": rnd(d, 4 * d)})
-    out = {"image_proj." + k: v for k, v in sd.items()}
-    key_id = 1
-    for name in unet.attn_processors:
-        if name.endswith("attn2.processor"):
-            inner = unet.get_submodule(name[: -len(".processor")]).to_k.out_features
-            out[f"ip_adapter.{key_id}.to_k_ip.weight"] = rnd(inner, cross, s=cross ** -0.5)
-            out[f"ip_adapter.{key_id}.to_v_ip.weight"] = rnd(inner, cross, s=cross ** -0.5)
-            key_id += 2
-    return out
+CLIP_DIM, QUERIES = VIT_SMALL["hidden_size"], 16
 
 
 @pytest.fixture(scope="module")
-def ip_pipe(tmp_path_factory):
-    from safetensors.torch import save_file
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+def ip_folder(tmp_path_factory):
+    return write_standin_ip_adapter(tiny_pipeline("sd15"), tmp_path_factory.mktemp("ip_adapter"))
 
+
+@pytest.fixture(scope="module")
+def ip_pipe(ip_folder):
     pipe = tiny_pipeline("sd15")
-    torch.manual_seed(1)
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=CLIP_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-        patch_size=8, projection_dim=32)).eval()
-    extractor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    pipe.register_modules(image_encoder=encoder, feature_extractor=extractor)  # so load_ip_adapter loads no encoder
-    folder = tmp_path_factory.mktemp("ip_adapter")
-    save_file(ip_adapter_plus_state_dict(pipe.unet), str(folder / "ip-adapter-plus_tiny.safetensors"))
-    pipe.load_ip_adapter(str(folder), subfolder="", weight_name="ip-adapter-plus_tiny.safetensors")
-    pipe.set_ip_adapter_scale(0.5)
-    return pipe
+    with ip_adapter(pipe, source=str(ip_folder)):
+        yield pipe
 
 
 def images(n, seed):
-    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 def reference_score(x, ip, attn, proc, pairs):
@@ -97,13 +66,21 @@ def test_matches_independent_computation(ip_pipe, guidance):
     assert (got < 1 - 1e-3).all()  # different images really score below 1
 
 
-def test_identity_and_symmetry(ip_pipe):
+def test_identity_symmetry_and_batching(ip_pipe):
     a, b = images(3, 2), images(3, 3)
-    assert torch.allclose(diffsim_c(ip_pipe, a, a, LAYER, 300), torch.ones(3), atol=1e-5)
-    ab, ba = diffsim_c(ip_pipe, a, b, LAYER, 300), diffsim_c(ip_pipe, b, a, LAYER, 300)
+    shared = dict(noise="shared", progress=False)  # one noise for A and B: an identity and a symmetric score
+    assert torch.allclose(diffsim_c(ip_pipe, a, a, LAYER, 300, **shared), torch.ones(3), atol=1e-5)
+    ab, ba = diffsim_c(ip_pipe, a, b, LAYER, 300, **shared), diffsim_c(ip_pipe, b, a, LAYER, 300, **shared)
     assert torch.allclose(ab, ba, atol=1e-6)
     both = diffsim_c(ip_pipe, a, b, "up_blocks.1.*.attn2", 300)  # a pattern: mean over the matched layers
     assert both.shape == (3,) and torch.isfinite(both).all()
+    # official noise: A and B noised apart, and a pair's score does not depend on the batching
+    whole = diffsim_c(ip_pipe, a, b, LAYER, 300, guidance_scale=7.5, prompt="photo of cat", batch_size=3)
+    for bs in (1, 2):
+        torch.testing.assert_close(diffsim_c(ip_pipe, a, b, LAYER, 300, guidance_scale=7.5, prompt="photo of cat",
+                                             batch_size=bs), whole, atol=1e-5, rtol=0)
+    # A's queries read the IP tokens of A and of B = A, which no noise touches: the identity holds either way
+    assert torch.allclose(diffsim_c(ip_pipe, a, a, LAYER, 300), torch.ones(3), atol=1e-5)
 
 
 def test_unet_output_unchanged_and_processors_restored(ip_pipe):
@@ -147,8 +124,11 @@ def test_restores_after_exception(ip_pipe):
 
 def test_bad_input(ip_pipe):
     a, b = images(2, 0), images(2, 1)
-    with pytest.raises(ValueError, match="no IP-Adapter loaded"):
+    with pytest.raises(ValueError, match="no IP-Adapter loaded.*with ip_adapter"):
         diffsim_c(tiny_pipeline("sd15"), a, b, LAYER, 500)
+    with pytest.raises(ValueError, match="an IP-Adapter is loaded already"):
+        with ip_adapter(ip_pipe):
+            pass
     with pytest.raises(ValueError, match="have no IP-Adapter"):
         diffsim_c(ip_pipe, a, b, "up_blocks.1.*.attn1", 500)  # self-attention has no IP branch
     with pytest.raises(ValueError, match="matches nothing"):
@@ -162,3 +142,69 @@ def test_bad_input(ip_pipe):
     attn = ip_pipe.unet.get_submodule(LAYER)
     with pytest.raises(ValueError, match="IP-Adapter image tokens"):  # a call without the (text, ip) tuple
         IPAlignedAttentionScore(attn.processor, LAYER, 1, {})(attn, torch.randn(2, 64, 16), torch.randn(2, 5, 32))
+
+
+# ---------------------------------------------------------------- crash: the adapter stayed loaded after DiffSim-C
+
+def pipeline_state(pipe):
+    unet = pipe.unet
+    return (dict(unet.attn_processors), unet.encoder_hid_proj, unet.config.encoder_hid_dim_type,
+            pipe.image_encoder, pipe.feature_extractor, pipe.config.image_encoder, pipe.config.feature_extractor)
+
+
+def assert_same_state(before, after):
+    procs, *rest = before
+    assert after[0].keys() == procs.keys() and all(after[0][k] is v for k, v in procs.items())
+    assert all(x is y or x == y for x, y in zip(after[1:], rest)), (after[1:], rest)
+
+
+def test_plain_calls_work_after_diffsim_c(ip_folder):
+    """Notebook 05 on SD1.5: `load_ip_adapter`, DiffSim-C, then any plain UNet call died (`image_embeds` missing).
+    With the adapter loaded for a block, the pipeline afterwards is the one from before, bit for bit."""
+    pipe = tiny_pipeline("sd15")
+    a, b = images(2, 6), images(2, 7)
+    plain = diffsim(pipe, a, b, "self", 400, progress=False)
+    before = pipeline_state(pipe)
+    with ip_adapter(pipe, source=str(ip_folder)) as loaded:
+        assert loaded is pipe and pipe.unet.config.encoder_hid_dim_type == "ip_image_proj"
+        c = diffsim_c(pipe, a, b, LAYER, 400, guidance_scale=7.5, prompt="photo of cat")
+        with pytest.raises((ValueError, TypeError)):  # SD1.5: "argument of type NoneType is not iterable"
+            diffsim(pipe, a, b, "self", 400, progress=False)  # the failure the notebook met, while loaded
+    assert c.shape == (2,) and torch.isfinite(c).all()
+    assert_same_state(before, pipeline_state(pipe))
+    torch.testing.assert_close(diffsim(pipe, a, b, "self", 400, progress=False), plain, atol=0, rtol=0)
+
+
+def test_pipeline_restored_when_the_body_raises(ip_folder):
+    pipe = tiny_pipeline("sd15")
+    before = pipeline_state(pipe)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ip_adapter(pipe, source=str(ip_folder)):
+            raise RuntimeError("boom")
+    assert_same_state(before, pipeline_state(pipe))
+    with pytest.raises(OSError):  # a failed load restores too
+        with ip_adapter(pipe, source=str(ip_folder / "nowhere")):
+            pass
+    assert_same_state(before, pipeline_state(pipe))
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_standin_adapter_loads_through_diffusers(arch, monkeypatch):
+    """Under DIFFNB_STANDIN `ip_adapter(pipe)` writes a random IP-Adapter Plus and ViT image encoder in
+    h94/IP-Adapter's layout (SDXL: sdxl_models/ + models/image_encoder) and loads them with `load_ip_adapter`."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+    from transformers import CLIPVisionModelWithProjection
+
+    monkeypatch.setenv("DIFFNB_STANDIN", "1")
+    pipe = tiny_pipeline(arch)
+    before = pipeline_state(pipe)
+    layer = [n for n in pipe.unet.attn_processors if n.endswith("attn2.processor")][-1][: -len(".processor")]
+    with ip_adapter(pipe):
+        assert isinstance(pipe.image_encoder, CLIPVisionModelWithProjection)
+        assert pipe.image_encoder.config.patch_size == 14 and pipe.image_encoder.config.image_size == 224
+        assert isinstance(pipe.unet.attn_processors[layer + ".processor"], IPAdapterAttnProcessor2_0)
+        assert pipe.unet.attn_processors[layer + ".processor"].scale == [0.5]
+        s = diffsim_c(pipe, images(2, 8), images(2, 9), layer, 500, guidance_scale=7.5, prompt="photo of cat")
+    assert s.shape == (2,) and torch.isfinite(s).all()
+    assert_same_state(before, pipeline_state(pipe))
+    assert sorted(IP_ADAPTERS) == ["sd15", "sdxl"]
