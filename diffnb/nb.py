@@ -14,6 +14,7 @@ from .models import pick_device, pick_dtype
 
 def setup(seed: int = 0, device=None, dtype=None):
     """No gradients, best device, fp16 on accelerators / fp32 on CPU, every RNG seeded; prints what it chose."""
+    _check_seed(seed)
     torch.set_grad_enabled(False)
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
@@ -25,9 +26,15 @@ def setup(seed: int = 0, device=None, dtype=None):
     return device, dtype
 
 
+def _check_seed(seed):
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise TypeError(f"a seed must be an int >= 0, got {seed!r}")
+
+
 def generator(seed: int) -> torch.Generator:
     """A seeded generator on the CPU (same images on every device type for a given seed)."""
-    return torch.Generator("cpu").manual_seed(seed)
+    _check_seed(seed)
+    return torch.Generator("cpu").manual_seed(int(seed))
 
 
 def claim(notebook: str, name: str, value: float, baseline: float | None = None, target: str = "",

@@ -60,6 +60,8 @@ def track_steps(unet, state: RunState):
 
 def attention_names(unet) -> list[str]:
     """Dotted module paths of every attention layer (the `attn_processors` keys without `.processor`)."""
+    if not hasattr(unet, "attn_processors"):
+        raise TypeError(f"{type(unet).__name__} has no attention processors; pass pipe.unet")
     return [k[: -len(".processor")] for k in unet.attn_processors]
 
 

@@ -114,8 +114,10 @@ def browse(results: dict, labels: tuple[str, str] = ("layer", "step"), size: flo
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
-    if not results:
+    if not isinstance(results, dict) or not results:
         raise ValueError("browse needs a non-empty {(a, b): image} dict")
+    if bad := [k for k in results if not (isinstance(k, tuple) and len(k) == 2)]:
+        raise ValueError(f"browse's keys must be (a, b) pairs such as (layer, step), got {bad[:3]!r}")
     a_vals = sorted({k[0] for k in results}, key=str)
     b_vals = sorted({k[1] for k in results}, key=str)
     out = widgets.Output()

@@ -14,9 +14,9 @@ from diffnb.images import from_tensor_image, to_tensor_image, to_uint8
 from diffnb.layers import select, select_many
 from diffnb.metrics import iou, paired_bootstrap, psnr
 from diffnb.models import load_pipeline, tiny_pipeline
-from diffnb.nb import claim
-from diffnb.processors import RunState, TokenReweight, patch_attention, track_steps
-from diffnb.viz import image_grid, overlay, pca_rgb
+from diffnb.nb import claim, generator
+from diffnb.processors import TokenReweight, attention_names, patch_attention, track_steps
+from diffnb.viz import browse, image_grid, overlay, pca_rgb
 
 U8 = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
 NAMES = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1", "up_blocks.1.attentions.0.transformer_blocks.0.attn2"]
@@ -157,6 +157,7 @@ CASES = [
     P(lambda: TokenReweight({1: "x"}), TypeError, "finite number", id="reweight-bad-weight"),
     P(lambda: TokenReweight({}), ValueError, "non-empty dict", id="reweight-empty"),
     P(lambda: track_steps(_pipe().unet, None).__enter__(), TypeError, "needs a RunState", id="track-steps-no-state"),
+    P(lambda: attention_names(_pipe()), TypeError, "pass pipe.unet", id="attention-names-of-pipeline"),
     # --- loaders, inversion ------------------------------------------------------------------------------------
     P(lambda: load_pipeline("nope"), ValueError, "unknown model", id="load-unknown-model"),
     P(lambda: load_pipeline("clip"), ValueError, "image encoder, not a pipeline", id="load-encoder"),
@@ -176,6 +177,8 @@ CASES = [
     P(lambda: paired_bootstrap([1, np.nan], [1, 2]), ValueError, "NaN", id="bootstrap-nan"),
     P(lambda: claim("00", "x", 1.0, met="yes"), TypeError, "met must be True, False or None", id="claim-met-string"),
     P(lambda: claim("00", "x", "high"), TypeError, "must be numbers", id="claim-value-string"),
+    P(lambda: generator(1.5), TypeError, "a seed must be an int", id="generator-float-seed"),
+    P(lambda: browse({"a": U8}), ValueError, "(a, b) pairs", id="browse-flat-keys"),
     P(lambda: pca_rgb(torch.randn(4, 4)), ValueError, "(C, H, W)", id="pca-2d"),
     P(lambda: pca_rgb(torch.randn(4, 4, 4), n_components=5), ValueError, "n_components", id="pca-too-many"),
     P(lambda: overlay(U8, np.zeros((2, 4, 4))), ValueError, "2-D map", id="overlay-3d-heat"),
