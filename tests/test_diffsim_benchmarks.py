@@ -11,7 +11,7 @@ from PIL import Image
 
 from diffnb.papers.diffsim_benchmarks import (
     IPREF_PAIRS, Triplet, load_image, load_ipref, load_nights, load_style_retrieval, retrieval_accuracy,
-    style_triplets, two_afc_accuracy,
+    style_triplets, two_afc_accuracy, write_nights_fixture,
 )
 
 SIZE = 8
@@ -104,6 +104,30 @@ def test_nights_malformed(tmp_path):
         load_nights(tmp_path)
     with pytest.raises(ValueError, match="split == 'test'"):
         load_nights(tmp_path, split="test")
+
+
+def test_nights_fixture_round_trip(tmp_path):
+    """Triplets written in NIGHTS' layout come back through the loader pixel for pixel, the positive on the left
+    with the vote, in order; the driver then scores them as the plain 2AFC of the same similarity."""
+    rng = np.random.default_rng(0)
+    ref, pos, neg = (rng.integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8) for _ in range(3))
+    root = write_nights_fixture(tmp_path / "nights", ref, pos, neg)
+    header = (root / "data.csv").read_text().splitlines()[0].split(",")
+    assert set(header) >= set(NIGHTS_HEADER.split(","))
+    triplets = load_nights(root)
+    assert len(triplets) == 3 and all(t.human_prefers_a == 1.0 for t in triplets)
+    for i, t in enumerate(triplets):
+        for path, want in ((t.ref, ref[i]), (t.a, pos[i]), (t.b, neg[i])):
+            assert np.array_equal(load_image(path, None), want)
+    assert load_nights(write_nights_fixture(tmp_path / "t", ref, pos, neg, split="test"), split="test")
+    sim = MeanColour()
+    mean = lambda x: x.reshape(len(x), -1, 3).mean(1)  # noqa: E731
+    d_pos, d_neg = (np.linalg.norm(mean(ref) - mean(x), axis=1) for x in (pos, neg))
+    assert two_afc_accuracy(triplets, sim, size=SIZE) == pytest.approx(np.mean(d_pos < d_neg))
+    with pytest.raises(ValueError, match="same number"):
+        write_nights_fixture(tmp_path / "bad", ref, pos, neg[:2])
+    with pytest.raises(TypeError, match="uint8"):
+        write_nights_fixture(tmp_path / "bad", ref.astype(float), pos, neg)
 
 
 # ---------------------------------------------------------------- Sref-style retrieval

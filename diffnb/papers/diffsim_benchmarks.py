@@ -15,6 +15,7 @@ IPref       root/<character>/{1.0,0.8,0.6,0.4,0.35,0.3,0.2}.png (generations at 
             reference_root/<character>.JPG (the original). The higher-weight image must be the more similar.
 
     triplets = load_nights("nights")                                   # or load_ipref(...), style_triplets(...)
+    triplets = load_nights(write_nights_fixture(tmp, ref, pos, neg))    # your own triplets in NIGHTS' layout
     two_afc_accuracy(triplets, lambda a, b: diffsim(pipe, a, b, layer, t), batch_size=8, size=512)  # .diffsim
 """
 from __future__ import annotations
@@ -91,6 +92,34 @@ def load_nights(root, split: str = "val", min_votes: int = 0) -> list[Triplet]:
     if not triplets:
         raise ValueError(f"{root / 'data.csv'} has no rows with split == {split!r}")
     return triplets
+
+
+def write_nights_fixture(root, refs, positives, negatives, prompt: str = "toy", split: str = "val") -> Path:
+    """Write triplets in NIGHTS' layout (data.csv + ref/NNN.png, distort/NNN_0.png, distort/NNN_1.png) and return
+    `root`: the vote goes to the left image (the positive), one vote each. uint8 (H, W, 3) images, saved as PNG
+    (lossless), so `load_nights` + `load_image` give back the very pixels (at `size=None` or their own size)."""
+    refs, positives, negatives = (list(x) for x in (refs, positives, negatives))
+    if not refs or not len(refs) == len(positives) == len(negatives):
+        raise ValueError(f"need the same number (>= 1) of references, positives and negatives, got "
+                         f"{len(refs)}, {len(positives)}, {len(negatives)}")
+    root = Path(root)
+    (root / "ref").mkdir(parents=True, exist_ok=True)
+    (root / "distort").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, images in enumerate(zip(refs, positives, negatives)):
+        paths = (f"ref/{i:03d}.png", f"distort/{i:03d}_0.png", f"distort/{i:03d}_1.png")
+        for path, image in zip(paths, images):
+            image = np.asarray(image)
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+                raise TypeError(f"images must be uint8 (H, W, 3) arrays, got {image.dtype} {image.shape}")
+            Image.fromarray(image).save(root / path)
+        rows.append(dict(id=i, left_vote=1, right_vote=0, votes=1, ref_path=paths[0], left_path=paths[1],
+                         right_path=paths[2], prompt=prompt, split=split, is_imagenet=False))
+    with open(root / "data.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
 
 
 def load_style_retrieval(root) -> dict[str, list[Path]]:
