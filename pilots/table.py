@@ -1,0 +1,41 @@
+"""Print the pilot table (markdown) from pilots/results/*.json: `python pilots/table.py`.
+
+One row per scored pilot (and the shipped model's premise runs, marked as such): the four premise values (bar in
+the header), fidelity by the world's probes, the training record. Paste it into pilots/README.md.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PREMISES = [("emerdiff_locality", "EmerDiff locality (≥ 3)"), ("consistory_transfer", "ConsiStory transfer (≥ +0.4)"),
+            ("style_aligned_shape", "StyleAligned shape ratio (≥ 0.9)"),
+            ("hyperfeatures_timestep_gain", "Hyperfeatures multi − one step, points (≥ +3)")]
+
+
+def rows() -> list[str]:
+    head = ["run", "world", "UNet steps", "train CPU-min", "final loss"] + [t for _, t in PREMISES] + \
+           ["fidelity shape / colour / bg", "probe held-out (shape / colour / bg / detail)", "premise sizes"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for f in sorted(RESULTS.glob("*.json")):
+        r = json.loads(f.read_text())
+        prem = r.get("premises", {})
+        cell = lambda k: f"{prem[k]['value']:.2f}" if k in prem else "-"
+        fid = r.get("fidelity")
+        probe = r.get("probe_heldout_accuracy")
+        shipped = "model" in r  # a `python -m diffnb.premises --json` file of the shipped toy
+        out.append("| " + " | ".join([
+            f.stem + (" (shipped toy)" if shipped else ""), r.get("world", "v1"),
+            "11,500 (shipped)" if shipped else str(r.get("trained_unet_steps")),
+            "-" if shipped else str(r.get("train_cpu_minutes")),
+            "-" if shipped or r.get("final_loss_smoothed") is None else f"{r['final_loss_smoothed']:.3f}",
+            *[cell(k) for k, _ in PREMISES],
+            "-" if not fid else " / ".join(f"{fid[k]:.2f}" for k in ("shape", "color", "background")),
+            "-" if not probe else " / ".join(f"{probe[k]:.2f}" for k in ("shape", "color", "background", "detail")),
+            r.get("sizes", "-")]) + " |")
+    return out
+
+
+if __name__ == "__main__":
+    print("\n".join(rows()))
