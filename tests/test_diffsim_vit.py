@@ -171,3 +171,21 @@ def test_bad_inputs():
             vit_aas(bad, a, a, layer)
         with pytest.raises(TypeError, match="CLIPVisionModel"):
             vit_attention_layers(bad)
+
+
+@pytest.mark.parametrize("name, cls, patch, size", [("clip", CLIPVisionModel, 32, 224),
+                                                     ("dinov2-small", Dinov2Model, 14, 518)])
+def test_load_encoder_standin(name, cls, patch, size, monkeypatch):
+    """Under DIFFNB_STANDIN the hub encoders of notebook 05 are random-weight models of the same class, with the
+    real patch and image size, built offline; vit_aas scores with them."""
+    from diffnb.papers.diffsim import load_encoder
+
+    monkeypatch.setenv("DIFFNB_STANDIN", "1")
+    model = load_encoder(name)
+    assert type(model) is cls and not model.training
+    assert (model.config.patch_size, model.config.image_size) == (patch, size)
+    a, b = np.random.default_rng(0).integers(0, 256, (2, 2, 64, 64, 3), dtype=np.uint8)
+    s = vit_aas(model, a, b, vit_attention_layers(model)[-1])
+    assert s.shape == (2,) and torch.isfinite(s).all()
+    with pytest.raises(ValueError, match="unknown encoder"):
+        load_encoder("siglip")
