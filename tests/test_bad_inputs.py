@@ -222,11 +222,23 @@ def test_explicit_range_silences_the_warning():
         torch.testing.assert_close(to_tensor_image(x, value_range=(0, 1))[0], x * 2 - 1)
 
 
-def test_tour_without_notebooks_says_what_it_needs(tmp_path, capsys):
+def test_tour_without_notebooks_says_what_it_needs(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as info:
         _tour_without_notebooks(tmp_path)
     assert info.value.code == 2
     assert "no notebooks" in capsys.readouterr().err
+    # as from a non-editable install: no notebooks/ beside the package, none in the working directory
+    from diffnb import tour
+
+    monkeypatch.setattr(tour, "ROOT", tmp_path / "site-packages")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DIFFNB_NOTEBOOKS", raising=False)
+    with pytest.raises(SystemExit) as info:
+        tour.main([])
+    assert info.value.code == 2 and "--notebooks DIR" in capsys.readouterr().err
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "01_x.ipynb").write_text("{}")
+    assert tour.find_notebooks() == (tmp_path / "notebooks").resolve()  # ./notebooks of a clone is found
 
 
 def test_table_has_at_least_30_cases():
