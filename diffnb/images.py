@@ -171,6 +171,12 @@ def _parse(image, value_range):
                     f"got {type(image).__name__}")
 
 
+def _own(x: np.ndarray) -> np.ndarray:
+    """A C-contiguous, writable array (a copy only when needed): torch.from_numpy refuses negative strides (a
+    flipped view, x[:, ::-1]) and warns on read-only arrays (np.asarray of a PIL image)."""
+    return np.require(x, requirements=["C", "W"])
+
+
 def to_tensor_image(image, size: int | None = None, value_range=None) -> torch.Tensor:
     """Any accepted image (see the module docstring), or a list of same-sized ones -> (B, 3, H, W) float in [-1, 1].
 
@@ -197,12 +203,12 @@ def to_tensor_image(image, size: int | None = None, value_range=None) -> torch.T
         size = None
     kind, x, (lo, hi), _ = _parse(image, value_range)
     if kind == "uint8":
-        x = V.normalize(V.numpy_to_pt(x).float().div(255))
+        x = V.normalize(V.numpy_to_pt(_own(x)).float().div(255))
     elif kind == "uint8t":
         x = V.normalize(x.float().div(255))
     else:
         if isinstance(x, np.ndarray):
-            x = V.numpy_to_pt(np.ascontiguousarray(x)).float()
+            x = V.numpy_to_pt(_own(x)).float()
         # [-1, 1] passes through exactly (clamp is the identity inside the range)
         x = x.clamp(-1, 1) if (lo, hi) == (-1.0, 1.0) else V.normalize(_unit(x, lo, hi))
     if size:

@@ -222,6 +222,16 @@ def test_explicit_range_silences_the_warning():
         torch.testing.assert_close(to_tensor_image(x, value_range=(0, 1))[0], x * 2 - 1)
 
 
+def test_views_and_read_only_arrays_convert():
+    """A flipped view (negative strides) and a read-only array (np.asarray of a PIL image) are fine inputs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flipped = to_tensor_image(U8[:, ::-1])
+        assert torch.equal(flipped, to_tensor_image(U8).flip(-1))
+        assert torch.equal(to_tensor_image(np.asarray(Image.fromarray(U8))), to_tensor_image(U8))
+        assert torch.equal(to_tensor_image(U8[:, ::-1] / 255.0), flipped)
+
+
 def test_tour_without_notebooks_says_what_it_needs(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as info:
         _tour_without_notebooks(tmp_path)
