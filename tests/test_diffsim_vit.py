@@ -39,13 +39,14 @@ KINDS = ["clip", "clip_proj", "dinov2"]
 
 
 def images(n, size, seed):
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    """Float tensors in [-1, 1], the range diffnb reads float tensor images in (`diffnb.images`)."""
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 def reference_aas(kind, a, b, i):
     """Symmetric AAS at block i, recomputed from the weights: hidden state -> layer norm -> q/k/v -> SDPA."""
     model, _, (mean, std), blocks, _, parts = make(kind)
-    x = (torch.cat([a, b]) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    x = ((torch.cat([a, b]) + 1) / 2 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
         hidden = model(pixel_values=x, output_hidden_states=True).hidden_states[i]  # input of block i
         norm, attn = parts(blocks[i])
@@ -124,7 +125,7 @@ def test_image_processor_is_used():
 
     def processor(images, return_tensors):
         calls.append(return_tensors)
-        x = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        x = ((images + 1) / 2 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
         return SimpleNamespace(pixel_values=x)
 
     layer = "encoder.layers.0.self_attn"
@@ -160,8 +161,8 @@ def test_bad_inputs():
         vit_aas(model, a, a, "decoder.*")
     with pytest.raises(TypeError, match="dotted name or glob"):
         vit_aas(model, a, a, 0)
-    with pytest.raises(TypeError, match="uint8"):
-        vit_aas(model, np.zeros((2, size, size, 3), np.float32), a, layer)
+    with pytest.raises(ValueError, match="255"):  # float arrays are [0, 1]: 0..255 floats are refused
+        vit_aas(model, np.full((2, size, size, 3), 200, np.float32), a, layer)
     with pytest.raises(ValueError, match="empty"):
         vit_aas(model, [], [], layer)
     text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -602,7 +602,8 @@ def vit_attention_layers(model) -> list[str]:
 
 
 def _pixels(images, size: int, mean, std) -> torch.Tensor:
-    """PIL / uint8 HWC(NHWC) array / float (B,3,H,W) tensor in [0,1], or a list of these -> normalized batch.
+    """Any image `diffnb.images.to_tensor_image` reads (PIL, uint8 arrays, float tensors in [-1, 1], ...), or a
+    list of them -> the batch normalized with the encoder's mean and std.
 
     A plain squash-resize to the model's size (no centre crop), so no image-processor dependency is needed;
     pass `image_processor=` for the exact Hugging Face preprocessing.
