@@ -14,12 +14,13 @@ The range of an input is known from its type and `value_range`, never guessed fr
       returns)
     a list / tuple of same-sized images of the above                       as each item
 
-`value_range=(lo, hi)` states another range for float inputs, e.g. `(0, 1)` for a torch tensor, `(-1, 1)` or
-`(0, 255)` for a numpy array. Values outside the range by more than 1/1000 of its width are a ValueError naming the
-range found (so 0..255 floats read as [0, 1] or a [0, 1] tensor read as 0..255 cannot pass); smaller excursions are
-rounding and are clipped. One case is legal but almost surely a mistake and warns: a torch float tensor read with the
-default [-1, 1] that has no negative value at all (a [0, 1] tensor would be read as a dim, washed-out image); pass
-`value_range=(-1, 1)` to state it and silence the warning, or `(0, 1)` if that is what it is.
+`value_range=(lo, hi)` states another range for float inputs: `(0, 1)` for a torch tensor (diffusers'
+`output_type="pt"` images are [0, 1]), `(-1, 1)` or `(0, 255)` for a numpy array. Values outside the range by more
+than 1/1000 of its width are a ValueError naming the range found (so 0..255 floats read as [0, 1], or [-1, 1] numpy
+floats read as [0, 1], cannot pass); smaller excursions are rounding and are clipped. One case is legal but almost
+surely a mistake and warns: a torch float tensor read in the default [-1, 1] with no negative value at all (a [0, 1]
+tensor read as [-1, 1] comes out dim and washed out); pass `value_range=(-1, 1)` to state it and silence the
+warning, or `(0, 1)` if that is what it is.
 
 Rejected with a clear error: other PIL modes (RGBA, LA, P, CMYK, I, F: convert them yourself, e.g.
 `image.convert("RGB")`, which drops alpha), grayscale or 2 / 4 channel arrays and tensors (repeat a grayscale array
