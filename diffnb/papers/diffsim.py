@@ -466,9 +466,10 @@ def ip_adapter(pipe, scale: float = 0.5, source: str | None = None, **load_kwarg
 
 # --- stand-ins: random weights, real classes and layouts, built offline (DIFFNB_STANDIN) -----------------------
 def _standin() -> str:
-    """'' normally; '1' (small stand-ins) or 'full' (real sizes) under DIFFNB_STANDIN, as `diffnb.models` reads it."""
-    value = os.environ.get("DIFFNB_STANDIN", "").strip().lower()
-    return "" if value in ("", "0", "false", "no") else ("full" if value == "full" else "1")
+    """'' normally; '1' (small stand-ins) or 'full' (real sizes) under DIFFNB_STANDIN (`diffnb.standin.mode`)."""
+    from ..standin import mode
+
+    return {None: "", "small": "1", "full": "full"}[mode()]
 
 
 # h94/IP-Adapter models/image_encoder (OpenCLIP ViT-H/14), written out; the small stand-in keeps patch and size.
