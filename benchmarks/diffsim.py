@@ -1,6 +1,7 @@
 """DiffSim throughput, same process: pairs per second and the cost of scoring against the bare UNet call.
 Toy model on CPU; on a GPU, SD1.5's full-size UNet built from its config with random weights (timing does not
-depend on weights), 512² (64² latents), the official setting: one layer, prompt + CFG 7.5 (4 latents per pair).
+depend on weights), 512² (64² latents), the official setting (`DiffSimArgs`): one layer, prompt + CFG 7.5 (4 latents
+per pair), `DiffSimArgs.batch_size` pairs per call (the T4-sized batch notebook 05 runs) unless --pairs says otherwise.
 
     python benchmarks/diffsim.py            # toy on CPU -> benchmarks/results/diffsim_cpu.json
     python benchmarks/diffsim.py --sd15     # GPU: SD1.5 architecture, 512²
@@ -11,27 +12,28 @@ from pathlib import Path
 import torch
 
 from diffnb.bench import compare
-from diffnb.papers.diffsim import AlignedAttentionScore, diffsim, toy_triplets
+from diffnb.papers.diffsim import AlignedAttentionScore, DiffSimArgs, diffsim, toy_triplets
 from diffnb.processors import patch_attention
 
 OUT = Path(__file__).resolve().parent / "results"
-OFFICIAL_LAYER = "up_blocks.1.attentions.2.transformer_blocks.0.attn1"  # what the official SD1.5 code hooks
+OFFICIAL = DiffSimArgs.for_model("sd15")
+OFFICIAL_LAYER = OFFICIAL.layer  # what the official SD1.5 code hooks
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sd15", action="store_true", help="full-size SD1.5 UNet from config on CUDA")
-    p.add_argument("--pairs", type=int, default=16)
+    p.add_argument("--pairs", type=int, default=None, help="pairs per call (default: 16 toy, DiffSimArgs sd15)")
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
     torch.set_grad_enabled(False)
-    n = a.pairs
+    n = a.pairs or (OFFICIAL.batch_size if a.sd15 else 16)
     if a.sd15:
         from diffnb.models import full_size_unet
         unet = full_size_unet("sd15")
         x = torch.randn(4 * n, 4, 64, 64, device="cuda", dtype=torch.float16)  # [A, B] x CFG halves
         cond = dict(encoder_hidden_states=torch.randn(4 * n, 77, 768, device="cuda", dtype=torch.float16))
-        step = lambda: unet(x, 500, **cond)
+        step = lambda: unet(x, OFFICIAL.timestep, **cond)
         def method():
             with patch_attention(unet, {OFFICIAL_LAYER: AlignedAttentionScore(n, {}, {})}):
                 step()
