@@ -1,8 +1,11 @@
+import copy
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diffnb.hooks import capture
 from diffnb.inversion import ddim_invert, unet_conditioning
@@ -34,10 +37,53 @@ def test_inversion_features_shapes_layers_steps(tiny):
         conv2 = tiny.unet.get_submodule(name + ".conv2")
         assert x.shape[:3] == (3, 2, conv2.out_channels) and x.shape[-1] in (4, 8, 16)
     assert _hook_count(tiny.unet) == before
-    small = hf.inversion_features(tiny, _images(2), layers="up_blocks.0.*", steps=1, num_inference_steps=3, size=8,
+    small = hf.inversion_features(tiny, _images(2), layers="up_blocks.*", steps=1, num_inference_steps=3, size=8,
                                   dtype=torch.float16, progress=False)
-    assert all(n.startswith("up_blocks.0.resnets.") for n in small.layers)
-    assert all(v.shape[1:] == (1, v.shape[2], 8, 8) and v.dtype == torch.float16 for v in small.maps.values())
+    assert small.layers == f.layers
+    for name, v in small.maps.items():  # size caps: larger maps downsampled, smaller ones kept
+        assert v.shape[1:] == (1, v.shape[2], min(8, f.maps[name].shape[-1]), min(8, f.maps[name].shape[-1]))
+        assert v.dtype == torch.float16
+
+
+def test_features_stay_on_the_pipeline_device_in_its_dtype(tiny, monkeypatch):
+    """Crash fix: features were offloaded to the host (14 GiB for SD1.5 at the paper's settings) and resized in
+    fp32. Now no host copy is asked for, and a capped map is in the UNet's dtype (here bf16), where the UNet ran."""
+    offloads = []
+
+    def spy(*args, **kwargs):
+        offloads.append(kwargs.get("offload", "cpu"))  # capture's default is "cpu"
+        return capture(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "capture", spy)
+    pipe = copy.deepcopy(tiny).to(dtype=torch.bfloat16)
+    f = hf.inversion_features(pipe, _images(2), steps=[0, 1], num_inference_steps=2, size=4, progress=False)
+    assert offloads == [None]
+    assert all(v.dtype == torch.bfloat16 and v.device == pipe.device for v in f.maps.values())
+    assert max(v.shape[-1] for v in f.maps.values()) == 4
+
+
+def test_capped_features_give_the_aggregator_the_same_input(tiny):
+    """Downsampling at extraction is what the aggregator would do itself: descriptors are unchanged."""
+    kw = dict(steps=[0, 1], num_inference_steps=2, progress=False)
+    full, capped = hf.inversion_features(tiny, _images(2), **kw), hf.inversion_features(tiny, _images(2), size=4, **kw)
+    torch.manual_seed(0)
+    net = hf.AggregationNetwork.for_features(full, projection_dim=8, output_size=4).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(full), net(capped), atol=1e-5, rtol=1e-5)
+
+
+def test_one_step_model_is_the_clean_call(tiny):
+    """Fidelity: the official loop's first call (label 49, t = -1) is on the clean latent and the one-step model is
+    that call alone (t ~ 0). Our step 0 is it: a 1-step inversion's only call, at t = 1, not t = 981."""
+    img = _images(1)
+    many = hf.inversion_features(tiny, img, steps=[0, 49], num_inference_steps=50, progress=False)
+    one = hf.inversion_features(tiny, img, steps=[0], num_inference_steps=1, progress=False)
+    assert many.timesteps == [1, 981] and one.timesteps == [1]
+    for name in many.layers:
+        torch.testing.assert_close(many.select(steps=0).maps[name], one.maps[name])
+    # the official saved labels 49, 45, ..., 5, 0 of 50 (label L = call 49 - L), clean call first
+    assert hf.official_steps(50) == sorted(49 - L for L in [49, 45, 40, 35, 30, 25, 20, 15, 10, 5, 0])
+    assert hf.official_steps(50)[0] == 0 and hf.official_steps(10) == [0, 4, 9]
 
 
 def test_features_are_conv2_of_the_unet_call_at_that_inversion_step(tiny):
@@ -45,7 +91,7 @@ def test_features_are_conv2_of_the_unet_call_at_that_inversion_step(tiny):
     img = _images(1)
     f = hf.inversion_features(tiny, img, steps=[1, 3], num_inference_steps=4, progress=False)
     block = hf.inversion_features(tiny, img, steps=[1, 3], num_inference_steps=4, site="block", progress=False)
-    inv = ddim_invert(tiny, image=hf._images(img, 32), num_inference_steps=4, progress=False)
+    inv = ddim_invert(tiny, image=hf.model_images(img, 32), num_inference_steps=4, progress=False)
     cond = unet_conditioning(tiny, "", 1, 1.0, 32, 32)
     name = f.layers[-1]
     for j, s in enumerate([1, 3]):
@@ -119,20 +165,80 @@ def test_training_reduces_the_loss_and_moves_the_mixing_weights():
     assert all(torch.equal(a, b) for a, b in zip(start, frozen.parameters()))
 
 
-def test_loss_is_symmetric_clip_cross_entropy():
-    img = np.zeros((4, 4, 3), np.uint8)
-    pair = hf.Pair(img, img, [[0.5, 0.5], [2.5, 0.5]], [[0.5, 0.5], [2.5, 0.5]], [0, 0, 4, 4], [0, 0, 4, 4])
-    src, trg = torch.zeros(2, 4, 4), torch.zeros(2, 4, 4)
-    src[0, :, :2], src[1, :, 2:] = 1, 1  # source keypoints (1, 0) and (0, 1)
-    trg[0, :, :2], trg[0, :, 2:], trg[1, :, 2:] = 2, 0.9, 0.19 ** 0.5  # target (1, 0) and (0.9, 0.436), any norm
-    a, b = np.array([[1, 0], [0, 1]]), np.array([[1, 0], [0.9, 0.19 ** 0.5]])
-    logits = a @ b.T * np.exp(hf.LOGIT_SCALE)
-    ce = lambda z: -np.mean(np.diag(z) - np.log(np.exp(z).sum(1)))
-    expected = (ce(logits) + ce(logits.T)) / 2
-    assert expected > 0.01
-    assert hf.correspondence_loss(src, trg, pair).item() == pytest.approx(expected, rel=1e-4)
-    assert hf.correspondence_loss(trg, src, pair).item() == pytest.approx(expected, rel=1e-4)  # symmetric
-    assert hf.correspondence_loss(src, src.flip(0), pair).item() > 10  # swapped: confidently wrong
+def _official_loss(src, trg, src_kps, trg_kps, src_hw, trg_hw):
+    """Re-derived from the reference notes, plain loops: every source keypoint's descriptor (its grid cell) against
+    ALL positions of the target's grid, logits cos / 0.07 (scale log(1/0.07) fixed), cross-entropy towards the
+    target keypoint's cell; the same from target to source; the mean of both directions."""
+    d, h, w = src.shape
+    cell = lambda x, y, hw: min(int(math.floor(y * h / hw[0])), h - 1) * w + min(int(math.floor(x * w / hw[1])), w - 1)
+    flat_s, flat_t = src.reshape(d, h * w), trg.reshape(d, h * w)
+
+    def one_way(a, b, ka, kb, ha, hb):
+        total = 0.0
+        for (xa, ya), (xb, yb) in zip(ka, kb):
+            va = a[:, cell(xa, ya, ha)]
+            logits = torch.stack([torch.dot(va, b[:, p]) / (va.norm() * b[:, p].norm()) / 0.07 for p in range(h * w)])
+            total = total + torch.logsumexp(logits, 0) - logits[cell(xb, yb, hb)]
+        return total / len(ka)
+
+    return (one_way(flat_s, flat_t, src_kps, trg_kps, src_hw, trg_hw)
+            + one_way(flat_t, flat_s, trg_kps, src_kps, trg_hw, src_hw)) / 2
+
+
+def test_loss_is_the_official_all_positions_objective():
+    """Fidelity (issue 16): not a K x K contrast among the pair's keypoints. Non-square images of two sizes,
+    an 8x8 grid, keypoints anywhere (edges included)."""
+    g = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    for k in (1, 3, 7):
+        src, trg = torch.randn(6, 8, 8, generator=g, dtype=torch.float64), torch.randn(6, 8, 8, generator=g, dtype=torch.float64)
+        s_hw, t_hw = (40, 56), (72, 48)
+        sk = np.c_[rng.uniform(0, s_hw[1], k), rng.uniform(0, s_hw[0], k)]
+        tk = np.c_[rng.uniform(0, t_hw[1], k), rng.uniform(0, t_hw[0], k)]
+        sk[0], tk[0] = (s_hw[1], 0.0), (0.0, t_hw[0])  # on the far edges: the last cell
+        pair = hf.Pair(np.zeros((*s_hw, 3), np.uint8), np.zeros((*t_hw, 3), np.uint8), sk, tk, [0, 0, 9, 9], [0, 0, 9, 9])
+        expected = _official_loss(src, trg, sk, tk, s_hw, t_hw).item()
+        assert hf.correspondence_loss(src, trg, pair).item() == pytest.approx(expected, rel=1e-9)
+    assert hf.LOGIT_SCALE == pytest.approx(math.log(1 / 0.07))
+
+
+def test_loss_reads_a_keypoint_as_its_grid_cell_and_learns_positions():
+    img = np.zeros((16, 16, 3), np.uint8)
+    src, trg = torch.randn(4, 4, 4), torch.randn(4, 4, 4)
+    at = lambda s, t: hf.correspondence_loss(src, trg, hf.Pair(img, img, s, t, [0, 0, 16, 16], [0, 0, 16, 16])).item()
+    assert at([[4.1, 8.2]], [[1.0, 15.0]]) == pytest.approx(at([[7.9, 11.9]], [[3.9, 12.1]]))  # same cells
+    assert at([[4.1, 8.2]], [[1.0, 15.0]]) != pytest.approx(at([[3.9, 8.2]], [[1.0, 15.0]]))  # next cell
+    # one matched keypoint still has 15 wrong cells to beat (a K x K contrast has nothing to learn from K = 1)
+    assert at([[4.1, 8.2]], [[1.0, 15.0]]) > 0.1
+    a, b = torch.zeros(4, 4, 4), torch.zeros(4, 4, 4)
+    a[0], b[0], a[1, 0, 0], b[1, 2, 1] = 1.0, 1.0, 50.0, 50.0  # the keypoints' cells stand out in channel 1
+    pair = hf.Pair(img, img, [[2.0, 2.0]], [[5.0, 9.0]], [0, 0, 16, 16], [0, 0, 16, 16])
+    assert hf.correspondence_loss(a, b, pair).item() < 0.01
+    assert hf.correspondence_loss(a, b.roll(1, dims=2), pair).item() > 10  # the match one cell off: confidently wrong
+
+
+def test_low_memory_training_has_the_same_gradients_and_saves_less():
+    """Crash fix: SD1.5 at the paper's settings saves ~12 GiB of activations a step; checkpointing one layer at a
+    time gives the same gradients and keeps a fraction (measured with saved-tensor hooks)."""
+    data = _synthetic()
+    grads, saved = {}, {}
+    for low in (False, True):
+        torch.manual_seed(0)
+        net = hf.AggregationNetwork.for_features(data.features, projection_dim=16, output_size=8, low_memory=low)
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = net(data.features.batch([0, 1]))
+            loss = hf.correspondence_loss(out[0], out[1], data.pairs[0])
+        loss.backward()
+        grads[low], saved[low] = [p.grad.clone() for p in net.parameters()], total[0]
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b)
+    assert saved[True] < 0.25 * saved[False], saved  # here the inputs dominate; SD1.5's ratio is ~1/10
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------
@@ -180,11 +286,73 @@ def test_sample_descriptors_pixel_centre_convention():
     torch.testing.assert_close(got, torch.tensor([3.0, 6.0, 3.5]))
 
 
+def _max_numel(fn):
+    """Largest tensor any aten op creates while fn runs (an instrumented allocation check on the CPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from torch.utils._pytree import tree_flatten
+
+    class Track(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+            for t in tree_flatten(out)[0]:  # new storage only: views and in-place results allocate nothing
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                    Track.biggest = max(Track.biggest, t.numel())
+            return out
+
+    with Track():
+        result = fn()
+    return result, Track.biggest
+
+
+def test_concat_baseline_is_the_concatenation_and_never_materialises_it():
+    """Crash fix: the concatenation of every layer at full size (85 GiB for SD1.5) is never built. Where each block
+    sits on the image's own pixel grid the result equals matching on the explicit concatenation of unit blocks."""
+    g = torch.Generator().manual_seed(1)
+    feats = hf.Hyperfeatures({"a": torch.randn(4, 2, 8, 16, 16, generator=g),
+                              "b": torch.randn(4, 2, 24, 16, 16, generator=g)}, [0, 5], [1, 501])
+    rng = np.random.default_rng(1)
+    img = np.zeros((16, 16, 3), np.uint8)
+    pairs = [hf.Pair(img, img, rng.integers(0, 16, (6, 2)) + 0.5, rng.integers(0, 16, (6, 2)) + 0.5, [0, 0, 16, 16],
+                     [0, 0, 16, 16]) for _ in range(2)]
+    cat = torch.cat([F.normalize(v.flatten(0, 1), dim=1).unflatten(0, v.shape[:2]).flatten(1, 2)
+                     for v in feats.maps.values()], dim=1)  # (N, 64, 16, 16): what the old code built
+    for a, b in zip(hf.concat_predict(feats, pairs), hf.predict(cat, pairs)):
+        np.testing.assert_array_equal(a, b)
+    _, biggest = _max_numel(lambda: hf.concat_predict(feats, pairs))
+    assert biggest <= 24 * 16 * 16 < cat[0].numel(), biggest  # one block of one image at most
+    small = _synthetic(2)  # blocks at 8x8 and 4x4 on 16 px images: each block's cosine upsampled
+    assert all(p.shape == (4, 2) for p in hf.concat_predict(small.features, small.pairs))
+
+
+def test_streamed_evaluation_equals_evaluation_on_all_features(tiny):
+    pairs = hf.toy_pairs(3, "heldout", size=32)
+    kw = dict(steps=[0, 1], num_inference_steps=2)
+    whole = hf.pair_features(tiny, pairs, progress=False, **kw).features
+    methods = {"layer": lambda f, p: hf.predict(hf.layer_descriptors(f, f.layers[-1], 1), p), "concat": hf.concat_predict}
+    got = hf.evaluate_streamed(tiny, pairs, methods, batch_pairs=2, progress=False, **kw)
+    assert got["layer"] == hf.evaluate(hf.layer_descriptors(whole, whole.layers[-1], 1), pairs)
+    assert got["concat"] == hf.score(hf.concat_predict(whole, pairs), pairs)
+
+
+def test_training_and_evaluation_create_nothing_on_the_default_device():
+    """Device bugs that only CUDA shows: inside torch.device("meta") every tensor made without an explicit device
+    lands on meta, as it would land on the CPU beside a CUDA model. Nothing may."""
+    data = _synthetic()
+    net = hf.AggregationNetwork.for_features(data.features, projection_dim=16, output_size=8)
+    with torch.device("meta"):
+        losses = hf.train_aggregator(net, data, steps=2, progress=False)
+        desc = hf.describe(net, data.features)
+        res = hf.evaluate(desc, data.pairs)
+        hf.concat_predict(data.features, data.pairs)
+    assert len(losses) == 2 and desc.device.type == "cpu" and res["n"] == 16
+
+
 def test_baseline_descriptors():
     data = _synthetic(2)
-    cat = hf.concat_descriptors(data.features)
-    assert cat.shape == (4, 2 * 8 + 2 * 16, 8, 8)
-    torch.testing.assert_close(cat[:, :8].norm(dim=1), torch.ones(4, 8, 8))  # each (layer, step) block unit norm
     assert hf.layer_descriptors(data.features, "b", 5).shape == (4, 16, 4, 4)
     pix = hf.pixel_descriptors(_images(2, 16), radius=1)
     assert pix[0].shape == (27, 16, 16) and pix[0].min() >= -1 and pix[0].max() <= 1
@@ -254,6 +422,23 @@ def test_spair_loader_on_a_synthetic_folder(tmp_path):
         hf.spair_pairs(tmp_path, "test")
 
 
+def test_spair_fixture_is_read_by_the_real_loader(tmp_path):
+    hf.write_spair_fixture(tmp_path, 6, "trn", size=96)
+    hf.write_spair_fixture(tmp_path, 2, "test", size=96)
+    pairs, toy = hf.spair_pairs(tmp_path, "trn"), hf.toy_pairs(6, "train", size=96)
+    assert len(pairs) == 6 and len(hf.spair_pairs(tmp_path, "test")) == 2
+    for p, t in zip(pairs, toy):  # SPair's integer pixel keypoints, JPEG images of the same renders
+        assert p.category == t.category and p.names == t.names and p.src_image.shape == (96, 96, 3)
+        np.testing.assert_array_equal(p.src_kps, np.floor(t.src_kps))
+        np.testing.assert_array_equal(p.trg_bbox, t.trg_bbox)
+        assert np.abs(p.trg_image.astype(int) - t.trg_image).mean() < 8
+    shuffled = hf.spair_pairs(tmp_path, "trn", seed=0)
+    assert sorted(p.names for p in shuffled) == sorted(p.names for p in pairs)
+    assert [p.src_kps.tolist() for p in shuffled] != [p.src_kps.tolist() for p in pairs]
+    assert [p.src_kps.tolist() for p in hf.spair_pairs(tmp_path, "trn", seed=0, limit=3)] == \
+        [p.src_kps.tolist() for p in shuffled[:3]]
+
+
 # --- bad inputs ------------------------------------------------------------------------------------------------------
 def test_bad_inputs_name_what_is_allowed(tiny):
     img = _images(1)
@@ -273,12 +458,23 @@ def test_bad_inputs_name_what_is_allowed(tiny):
     net = hf.AggregationNetwork.for_features(data.features, projection_dim=8, output_size=4)
     with pytest.raises(ValueError, match="lack layers"):
         net({"a": data.features.maps["a"]})
-    with pytest.raises(ValueError, match=r"\(B, 2, C, h, w\)"):
+    with pytest.raises(ValueError, match=r"\(B, 2, 8, h, w\)"):
         net(data.features.select(steps=[0]))
+    with pytest.raises(ValueError, match=r"\(B, 2, 8, h, w\)"):  # channels of another layer
+        net({"a": data.features.maps["b"], "b": data.features.maps["b"]})
     with pytest.raises(ValueError, match="not captured"):
         data.features.select(steps=[3])
     with pytest.raises(TypeError, match="PairFeatures"):
         hf.train_aggregator(net, data.pairs, steps=1)
+    for steps in (0, 2.5, True):
+        with pytest.raises(ValueError, match="steps"):
+            hf.train_aggregator(net, data, steps=steps)
+    with pytest.raises(TypeError, match="train_aggregator\(\) got an unexpected keyword argument 'max_seconds'"):
+        hf.train_aggregator(net, data, steps=1, max_seconds=5)  # no wall-clock budgets: fixed step counts
+    with pytest.raises(ValueError, match=r"\(D, h, w\)"):
+        hf.correspondence_loss(torch.zeros(4, 4, 4), torch.zeros(4, 2, 2), data.pairs[0])
+    with pytest.raises(TypeError, match="Pair"):
+        hf.correspondence_loss(torch.zeros(4, 4, 4), torch.zeros(4, 4, 4), (data.pairs[0].src_kps,))
     with pytest.raises(ValueError, match="alpha"):
         hf.evaluate([torch.zeros(1, 4, 4)] * 4, data.pairs, alpha=0)
     with pytest.raises(ValueError, match="descriptor maps"):
@@ -291,6 +487,22 @@ def test_bad_inputs_name_what_is_allowed(tiny):
         hf.toy_pairs(1, split="test")
     with pytest.raises(ValueError, match=r"\(K, 2\)"):
         hf.Pair(img[0], img[0], [[1, 2]], [[1, 2], [3, 4]], [0, 0, 1, 1], [0, 0, 1, 1])
+    with pytest.raises(ValueError, match="inside the 32x32 image"):
+        hf.Pair(img[0], img[0], [[1, 2]], [[40, 4]], [0, 0, 1, 1], [0, 0, 1, 1])
+    with pytest.raises(ValueError, match="finite"):
+        hf.Pair(img[0], img[0], [[1, np.nan]], [[4, 4]], [0, 0, 1, 1], [0, 0, 1, 1])
+    with pytest.raises(ValueError, match="x1 > x0"):
+        hf.Pair(img[0], img[0], [[1, 2]], [[4, 4]], [0, 0, 1, 1], [5, 0, 1, 1])
+    with pytest.raises(TypeError, match=r"\(H, W, 3\)"):
+        hf.Pair(torch.zeros(32, 32, 3), img[0], [[1, 2]], [[4, 4]], [0, 0, 1, 1], [0, 0, 1, 1])
+    with pytest.raises(ValueError, match="predictions"):
+        hf.score([np.zeros((4, 2))], data.pairs)
+    with pytest.raises(ValueError, match="need features of 2 images, got 4"):
+        hf.concat_predict(data.features, data.pairs[:1])
+    with pytest.raises(ValueError, match="positive ints"):
+        hf.official_steps(50, every=0)
+    with pytest.raises(ValueError, match="trn"):
+        hf.write_spair_fixture("/nonexistent", 1, split="train")
     with pytest.raises(ValueError, match="count"):
         hf.spaced_steps(10, 0)
     assert hf.spaced_steps(50, 11)[0] == 0 and hf.spaced_steps(50, 11)[-1] == 49 and len(hf.spaced_steps(50, 11)) == 11

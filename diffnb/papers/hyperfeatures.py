@@ -2,21 +2,27 @@
 
 Each decoder resnet's features (paper: the 12 `up_blocks.*.resnets.*`) at a subset of DDIM-inversion steps (paper: 11
 of 50) go through a per-layer bottleneck shared across timesteps, to one size and dimension; learned softmax weights
-over (timestep, layer) sum them. Training: a symmetric CLIP-style loss on matched keypoints of image pairs.
+over (timestep, layer) sum them. Training (official): each source keypoint's descriptor against every position of the
+target's descriptor grid, CLIP-style cross-entropy both ways, logit scale log(1/0.07) fixed; one pair a step, 5,000.
 
-    data = pair_features(pipe, toy_pairs(40, "train"), steps=spaced_steps(50, 11))
-    net = AggregationNetwork.for_features(data.features, projection_dim=384, output_size=64)
+    data = pair_features(pipe, spair_pairs(root, "trn", limit=24), steps=[0, 4, 9, ..., 49], size=64)
+    net = AggregationNetwork.for_features(data.features, projection_dim=384, output_size=64).to(pipe.device)
     train_aggregator(net, data, steps=5000)
     evaluate(describe(net, test.features), test.pairs)   # {"pck_img": ..., "pck_bbox": ..., "n": ...}
     net.mixing_weights()                                  # (timesteps, layers): which features it relies on
 
+Steps index the UNet calls of our DDIM inversion: step 0 is the call on the clean latent (t = 1), the official
+loop's label 49 (t = -1); the paper's one-step model is that call alone. Official saved labels 49, 45, ..., 0 of 50
+are our steps 0, 4, 9, ..., 49 (`official_steps`). Ours, not official: features are cached once and pairs re-drawn
+(official extracts every step's pair anew: hours of inversions a run on a T4); keypoints fall in the grid cell that
+contains them (official rounds an integer pixel index times the scale, up to a cell off); matching for PCK is at
+image resolution; the concatenation baseline L2-normalises each (layer, step).
 Keypoints are continuous pixel coordinates (x, y): pixel (row r, col c) spans [c, c+1) x [r, r+1).
 """
 from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..hooks import capture
@@ -41,6 +48,14 @@ def spaced_steps(num_inference_steps: int, count: int) -> list[int]:
     if not 1 <= count <= num_inference_steps:
         raise ValueError(f"count must be in [1, {num_inference_steps}], got {count}")
     return sorted({int(round(s)) for s in np.linspace(0, num_inference_steps - 1, count)})
+
+
+def official_steps(num_inference_steps: int = 50, every: int = 5) -> list[int]:
+    """The official saved steps as our step indices: labels 49, 45, 40, ..., 0 of a 50-step inversion (label L is
+    call 49 - L) are steps 0, 4, 9, ..., 49: the clean call and every `every`-th from the noisiest end."""
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1 or not isinstance(every, int) or every < 1:
+        raise ValueError(f"need positive ints, got num_inference_steps={num_inference_steps!r}, every={every!r}")
+    return sorted({0, *range(num_inference_steps - 1, -1, -every)})
 
 
 @dataclass
@@ -96,26 +111,29 @@ def _resnets(unet, layers, site: str) -> tuple[list[str], list[str]]:
 
 
 def _collect(cache, names, hooks, cap_steps, size, dtype, last: int | None = None) -> dict[str, torch.Tensor]:
+    """Per layer (B, S, C, h, w) where the UNet ran (no host copy), maps larger than size x size downsampled to it
+    as the aggregator would (bilinear, no antialias: its own resize is then the identity)."""
     out = {}
     for name, hook in zip(names, hooks):
         x = torch.stack([cache.get(hook, s) for s in cap_steps], dim=1)  # (B, S, C, h, w)
         x = x[-last:] if last else x
-        if size:
-            x = F.interpolate(x.flatten(0, 1).float(), size=(size, size), mode="bilinear", align_corners=False,
-                              antialias=True).unflatten(0, x.shape[:2])
+        if size and max(x.shape[-2:]) > size:
+            x = F.interpolate(x.flatten(0, 1).float(), size=(size, size), mode="bilinear",
+                              align_corners=False).to(x.dtype).unflatten(0, x.shape[:2])
         out[name] = x.to(dtype) if dtype else x
     return out
 
 
-def _images(images, size: int) -> torch.Tensor:
-    """Images (list of PIL / uint8 HWC / [0,1] tensors, or a batch) -> (N, 3, size, size) floats in [0, 1]."""
+def model_images(images, size: int) -> torch.Tensor:
+    """Images (list of PIL / uint8 HWC arrays / tensors, or a batch) -> (N, 3, size, size) floats in [-1, 1], the
+    VAE's range: what `inversion_features` inverts (time a bare inversion on this tensor to compare like with like)."""
     items = list(images) if isinstance(images, (list, tuple)) or (isinstance(images, np.ndarray) and images.ndim == 4) \
         else [images]
     if not items:
         raise ValueError("no images given")
     out = [F.interpolate(to_tensor_image(im).float(), size=(size, size), mode="bilinear", antialias=True,
                          align_corners=False) for im in items]
-    return ((torch.cat(out) + 1) / 2).clamp(0, 1)  # [0, 1]: unambiguous for ddim_invert's to_tensor_image
+    return torch.cat(out).clamp(-1, 1)
 
 
 @torch.no_grad()
@@ -123,18 +141,20 @@ def inversion_features(pipe, images, layers=DECODER_RESNETS, steps=None, num_inf
                        site: str = "conv2", size: int | None = None, image_size: int | None = None, prompt: str = "",
                        batch_size: int = 8, dtype: torch.dtype | None = None, progress: bool = True) -> Hyperfeatures:
     """Features of real images along their DDIM inversion (prompt "", no guidance, as the paper): one inversion per
-    batch with `capture` hooks on the selected resnets at the selected steps.
+    batch with `capture` hooks on the selected resnets at the selected steps (0 = the call on the clean latent).
 
     site="conv2" (default) takes the residual branch before the skip add, as the official code; "block" the block
-    output, which also carries the skip (the previous layer and the encoder's features). `size` resizes every map
-    per batch to size x size (memory: SD's 64x64 maps at 11 steps are large); `dtype` e.g. float16 halves it.
+    output, which also carries the skip (the previous layer and the encoder's features). Features stay on the
+    pipeline's device in its dtype (fp16 on a GPU: SD1.5's 12 layers x 11 steps are 150 MiB an image, never copied
+    to the host); `size` caps each map's side (give the aggregator's output size: larger maps are downsampled as it
+    would, smaller ones kept); `dtype` overrides the UNet's.
     """
     steps = _check_steps(steps, num_inference_steps)
     names, hooks = _resnets(pipe.unet, layers, site)
-    x = _images(images, image_size or pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    x = model_images(images, image_size or pipe.unet.config.sample_size * pipe.vae_scale_factor)
     parts = []
     for i in tqdm(range(0, len(x), batch_size), desc="inversion features", disable=not progress, leave=False):
-        with capture(pipe.unet, hooks, steps=steps) as cache:
+        with capture(pipe.unet, hooks, steps=steps, offload=None) as cache:
             inv = ddim_invert(pipe, image=x[i:i + batch_size], prompt=prompt, num_inference_steps=num_inference_steps,
                               progress=False)
         parts.append(_collect(cache, names, hooks, steps, size, dtype))
@@ -155,7 +175,7 @@ def generation_features(pipe, prompt, layers=DECODER_RESNETS, steps=None, num_in
     steps = _check_steps(steps, num_inference_steps)
     names, hooks = _resnets(pipe.unet, layers, site)
     gen = [num_inference_steps - 1 - s for s in steps]
-    with capture(pipe.unet, hooks, steps=gen) as cache:
+    with capture(pipe.unet, hooks, steps=gen, offload=None) as cache:
         images = pipe(prompt, num_inference_steps=num_inference_steps, output_type="np", **pipe_kwargs).images
     images = to_uint8(np.asarray(images))
     maps = _collect(cache, names, hooks, gen, size, dtype, last=len(images))
@@ -182,9 +202,14 @@ class Bottleneck(nn.Module):
 
 class AggregationNetwork(nn.Module):
     """Per-layer bottlenecks (shared across timesteps) at output_size, mixed by softmax weights over (timestep, layer)
-    initialised equal: the weights are the interpretable part (`mixing_weights`)."""
+    initialised equal: the weights are the interpretable part (`mixing_weights`).
 
-    def __init__(self, channels: dict[str, int], num_timesteps: int, projection_dim: int = 384, output_size: int = 64):
+    `low_memory` recomputes each layer's bottlenecks in the backward pass (`torch.utils.checkpoint`): same gradients,
+    a third more compute, and training holds one layer's activations instead of all (SD1.5 at the paper's settings:
+    about 1 GiB instead of 12 GiB, what lets it train on a 15 GB T4; ours, the official code trains without it)."""
+
+    def __init__(self, channels: dict[str, int], num_timesteps: int, projection_dim: int = 384, output_size: int = 64,
+                 low_memory: bool = False):
         super().__init__()
         if not isinstance(channels, dict) or not channels:
             raise TypeError("channels must be a non-empty dict {layer name: channels} (Hyperfeatures.channels)")
@@ -192,6 +217,7 @@ class AggregationNetwork(nn.Module):
             raise ValueError(f"need num_timesteps >= 1, projection_dim >= 4, output_size >= 1; got "
                              f"{num_timesteps}, {projection_dim}, {output_size}")
         self.layers, self.num_timesteps, self.output_size = list(channels), num_timesteps, output_size
+        self.low_memory = low_memory
         self.bottlenecks = nn.ModuleList(Bottleneck(c, projection_dim, projection_dim // 4) for c in channels.values())
         self.mixing = nn.Parameter(torch.ones(num_timesteps * len(channels)))
 
@@ -208,15 +234,25 @@ class AggregationNetwork(nn.Module):
         feats = feats.maps if isinstance(feats, Hyperfeatures) else feats
         if missing := [l for l in self.layers if l not in feats]:
             raise ValueError(f"features lack layers {missing}; the network was built for {self.layers}")
-        w, size, out = self.mixing_weights(), (self.output_size,) * 2, 0
+        w, out = self.mixing_weights(), 0
         for j, (name, block) in enumerate(zip(self.layers, self.bottlenecks)):
             x = feats[name]
-            if x.ndim != 5 or x.shape[1] != self.num_timesteps:
-                raise ValueError(f"{name}: expected (B, {self.num_timesteps}, C, h, w), got {tuple(x.shape)}")
-            b, s = x.shape[:2]
-            x = F.interpolate(x.flatten(0, 1).to(self.mixing.dtype), size=size, mode="bilinear", align_corners=False)
-            out = out + (block(x).unflatten(0, (b, s)) * w[:, j].view(1, s, 1, 1, 1)).sum(1)
+            if x.ndim != 5 or x.shape[1] != self.num_timesteps or x.shape[2] != block.conv1[0].in_channels:
+                raise ValueError(f"{name}: expected (B, {self.num_timesteps}, {block.conv1[0].in_channels}, h, w), "
+                                 f"got {tuple(x.shape)}")
+            x = x.to(self.mixing.device)
+            if self.low_memory and torch.is_grad_enabled():
+                out = out + checkpoint(self._layer, block, x, w[:, j], use_reentrant=False)
+            else:
+                out = out + self._layer(block, x, w[:, j])
         return out
+
+    def _layer(self, block, x, w):
+        """(B, S, C, h, w) -> weighted sum over S of the bottleneck at output_size: (B, projection_dim, size, size)."""
+        b, s = x.shape[:2]
+        x = F.interpolate(x.flatten(0, 1).to(self.mixing.dtype), size=(self.output_size,) * 2, mode="bilinear",
+                          align_corners=False)
+        return (block(x).unflatten(0, (b, s)) * w.view(1, s, 1, 1, 1)).sum(1)
 
 
 @dataclass
@@ -232,13 +268,20 @@ class Pair:
     names: tuple = ()
 
     def __post_init__(self):
+        for k in ("src_image", "trg_image"):
+            if not isinstance(getattr(self, k), np.ndarray) or getattr(self, k).ndim != 3:
+                raise TypeError(f"{k} must be an (H, W, 3) numpy array, got {type(getattr(self, k)).__name__}")
         for k in ("src_kps", "trg_kps", "src_bbox", "trg_bbox"):
             setattr(self, k, np.asarray(getattr(self, k), dtype=np.float64))
         if self.src_kps.ndim != 2 or self.src_kps.shape[1] != 2 or self.src_kps.shape != self.trg_kps.shape \
                 or len(self.src_kps) < 1:
             raise ValueError(f"keypoints must be two (K, 2) arrays, K >= 1; got {self.src_kps.shape}, {self.trg_kps.shape}")
-        if self.src_bbox.shape != (4,) or self.trg_bbox.shape != (4,):
-            raise ValueError("boxes must be (x0, y0, x1, y1)")
+        for kps, im, side in ((self.src_kps, self.src_image, "src"), (self.trg_kps, self.trg_image, "trg")):
+            if not np.isfinite(kps).all() or (kps < 0).any() or (kps > im.shape[1::-1]).any():
+                raise ValueError(f"{side}_kps must be finite (x, y) inside the {im.shape[1]}x{im.shape[0]} image")
+        if self.src_bbox.shape != (4,) or self.trg_bbox.shape != (4,) or (self.src_bbox[2:] <= self.src_bbox[:2]).any() \
+                or (self.trg_bbox[2:] <= self.trg_bbox[:2]).any():
+            raise ValueError(f"boxes must be (x0, y0, x1, y1) with x1 > x0, y1 > y0; got {self.src_bbox}, {self.trg_bbox}")
 
 
 @dataclass
@@ -268,42 +311,62 @@ def sample_descriptors(desc: torch.Tensor, kps, hw) -> torch.Tensor:
     return F.grid_sample(desc[None], grid, mode="bilinear", align_corners=False)[0, :, 0].T
 
 
+def keypoint_cells(kps, hw, grid, device=None) -> torch.Tensor:
+    """Flat index (row * w + col) of the cell of an (h, w) grid laid over an image of size hw that contains each
+    keypoint (x, y); the image's far edge goes to the last cell."""
+    kps = np.asarray(kps, dtype=np.float64)
+    col = np.clip(np.floor(kps[:, 0] * grid[1] / hw[1]), 0, grid[1] - 1)
+    row = np.clip(np.floor(kps[:, 1] * grid[0] / hw[0]), 0, grid[0] - 1)
+    return torch.as_tensor(row * grid[1] + col, dtype=torch.long, device=device or "cpu")
+
+
 def correspondence_loss(src_desc, trg_desc, pair: Pair, logit_scale: float = LOGIT_SCALE) -> torch.Tensor:
-    """Symmetric cross-entropy: source keypoint i must pick target keypoint i among the pair's, and back."""
-    a = F.normalize(sample_descriptors(src_desc, pair.src_kps, pair.src_image.shape[:2]), dim=-1)
-    b = F.normalize(sample_descriptors(trg_desc, pair.trg_kps, pair.trg_image.shape[:2]), dim=-1)
-    logits, labels = a @ b.T * math.exp(logit_scale), torch.arange(len(a), device=a.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    """The official objective: each source keypoint's grid cell against every cell of the target's (D, h, w) map
+    (cosine x exp(logit_scale)), cross-entropy towards its match's cell; the same from target to source; the mean."""
+    if not isinstance(pair, Pair):
+        raise TypeError(f"pair must be a Pair, got {type(pair).__name__}")
+    if src_desc.ndim != 3 or src_desc.shape != trg_desc.shape:
+        raise ValueError(f"descriptor maps must be two (D, h, w) of one shape, got {tuple(src_desc.shape)}, "
+                         f"{tuple(trg_desc.shape)}")
+    grid = tuple(src_desc.shape[1:])
+    s, t = F.normalize(src_desc.flatten(1), dim=0), F.normalize(trg_desc.flatten(1), dim=0)  # (D, h*w)
+    i = keypoint_cells(pair.src_kps, pair.src_image.shape[:2], grid, s.device)
+    j = keypoint_cells(pair.trg_kps, pair.trg_image.shape[:2], grid, s.device)
+    scale = math.exp(logit_scale)
+    return (F.cross_entropy(scale * s[:, i].T @ t, j) + F.cross_entropy(scale * t[:, j].T @ s, i)) / 2
 
 
 def train_aggregator(net: AggregationNetwork, data: PairFeatures, steps: int, lr: float = 1e-3, batch_pairs: int = 1,
-                     weight_decay: float = 0.0, seed: int = 0, max_seconds: float | None = None,
-                     progress: bool = True) -> list[float]:
-    """AdamW on random pairs (official: one pair a step, lr 1e-3, no weight decay); returns the loss per step."""
+                     weight_decay: float = 0.0, seed: int = 0, progress: bool = True) -> list[float]:
+    """AdamW for exactly `steps` steps on random pairs (official: 5,000 steps of one pair, lr 1e-3, no weight decay;
+    it draws each pair once, we re-draw from the cached ones), on the network's device; the loss per step."""
+    if not isinstance(net, AggregationNetwork):
+        raise TypeError(f"net must be an AggregationNetwork, got {type(net).__name__}")
     if not isinstance(data, PairFeatures):
         raise TypeError(f"data must be PairFeatures (see pair_features), got {type(data).__name__}")
-    if steps < 1 or batch_pairs < 1:
-        raise ValueError(f"steps and batch_pairs must be >= 1, got {steps}, {batch_pairs}")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (steps, batch_pairs)):
+        raise ValueError(f"steps and batch_pairs must be ints >= 1, got {steps!r}, {batch_pairs!r}")
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    gen, start, losses = torch.Generator().manual_seed(seed), time.perf_counter(), []
+    gen, losses = torch.Generator("cpu").manual_seed(seed), []
     net.train()
-    for _ in tqdm(range(steps), desc="train aggregator", disable=not progress, leave=False):
-        idx = torch.randint(len(data.pairs), (batch_pairs,), generator=gen).tolist()
-        desc = net(data.features.batch([k for i in idx for k in (2 * i, 2 * i + 1)]))
-        loss = sum(correspondence_loss(desc[2 * j], desc[2 * j + 1], data.pairs[i]) for j, i in enumerate(idx)) / len(idx)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
-            break
+    with torch.enable_grad():
+        for _ in tqdm(range(steps), desc="train aggregator", disable=not progress):
+            idx = torch.randint(len(data.pairs), (batch_pairs,), generator=gen, device="cpu").tolist()
+            desc = net(data.features.batch([k for i in idx for k in (2 * i, 2 * i + 1)]))
+            loss = sum(correspondence_loss(desc[2 * j], desc[2 * j + 1], data.pairs[i])
+                       for j, i in enumerate(idx)) / len(idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
     net.eval()
-    return losses
+    return torch.stack(losses).tolist()
 
 
 @torch.no_grad()
-def describe(net: AggregationNetwork, feats: Hyperfeatures, batch_size: int = 16) -> torch.Tensor:
-    """Hyperfeature maps of every image: (N, projection_dim, output_size, output_size)."""
+def describe(net: AggregationNetwork, feats: Hyperfeatures, batch_size: int = 2) -> torch.Tensor:
+    """Hyperfeature maps of every image, on the network's device: (N, projection_dim, output_size, output_size).
+    A pair at a time by default: on SD1.5 one image's 132 maps at 64x64 in fp32 are ~0.2 GiB before the bottlenecks."""
     return torch.cat([net(feats.batch(slice(i, i + batch_size))) for i in range(0, len(feats), batch_size)])
 
 
@@ -313,8 +376,13 @@ def match_keypoints(src_desc, trg_desc, src_kps, src_hw, trg_hw) -> np.ndarray:
     q = F.normalize(sample_descriptors(src_desc.float(), src_kps, src_hw), dim=-1)
     t = F.normalize(F.interpolate(trg_desc[None].float(), size=tuple(trg_hw), mode="bilinear", align_corners=False)[0],
                     dim=0)
-    best = torch.einsum("kd,dhw->khw", q, t).flatten(1).argmax(1)
-    w = trg_hw[1]
+    return _argmax_xy(torch.einsum("kd,dhw->khw", q, t))
+
+
+def _argmax_xy(sim: torch.Tensor) -> np.ndarray:
+    """(K, H, W) scores -> (K, 2) x, y of each row's best pixel centre."""
+    best = sim.flatten(1).argmax(1).cpu()
+    w = sim.shape[-1]
     return np.stack([(best % w).numpy() + 0.5, (best // w).numpy() + 0.5], axis=1)
 
 
@@ -323,21 +391,43 @@ def pck(pred, gt, threshold) -> np.ndarray:
     return np.linalg.norm(np.asarray(pred, float) - np.asarray(gt, float), axis=-1) <= threshold
 
 
-def evaluate(descriptors, pairs, alpha: float = 0.1) -> dict:
-    """PCK@alpha pooled over keypoints, thresholds alpha*max(image H, W) and alpha*max(bbox h, w) of the target.
-    `descriptors[2i]`, `[2i+1]`: (D, h, w) maps of pair i's source and target."""
-    if not 0 < alpha <= 1:
-        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+def predict(descriptors, pairs) -> list[np.ndarray]:
+    """`match_keypoints` of every pair; `descriptors[2i]`, `[2i+1]`: (D, h, w) maps of pair i's source and target."""
     if len(descriptors) != 2 * len(pairs):
         raise ValueError(f"{len(pairs)} pairs need {2 * len(pairs)} descriptor maps, got {len(descriptors)}")
-    img, box = [], []
-    for i, p in enumerate(pairs):
-        pred = match_keypoints(descriptors[2 * i], descriptors[2 * i + 1], p.src_kps, p.src_image.shape[:2],
-                               p.trg_image.shape[:2])
-        img.append(pck(pred, p.trg_kps, alpha * max(p.trg_image.shape[:2])))
-        box.append(pck(pred, p.trg_kps, alpha * max(p.trg_bbox[2:] - p.trg_bbox[:2])))
+    return [match_keypoints(descriptors[2 * i], descriptors[2 * i + 1], p.src_kps, p.src_image.shape[:2],
+                            p.trg_image.shape[:2]) for i, p in enumerate(pairs)]
+
+
+def score(predictions, pairs, alpha: float = 0.1) -> dict:
+    """PCK@alpha pooled over keypoints, thresholds alpha*max(image H, W) and alpha*max(bbox h, w) of the target."""
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    if len(predictions) != len(pairs):
+        raise ValueError(f"{len(pairs)} pairs need {len(pairs)} predictions, got {len(predictions)}")
+    img = [pck(q, p.trg_kps, alpha * max(p.trg_image.shape[:2])) for q, p in zip(predictions, pairs)]
+    box = [pck(q, p.trg_kps, alpha * max(p.trg_bbox[2:] - p.trg_bbox[:2])) for q, p in zip(predictions, pairs)]
     return {"pck_img": float(np.concatenate(img).mean()), "pck_bbox": float(np.concatenate(box).mean()),
             "n": int(sum(len(b) for b in box))}
+
+
+def evaluate(descriptors, pairs, alpha: float = 0.1) -> dict:
+    """PCK@alpha (`score`) of nearest-neighbour matches (`predict`) on descriptor maps [src_0, trg_0, src_1, ...]."""
+    return score(predict(descriptors, pairs), pairs, alpha)
+
+
+def evaluate_streamed(pipe, pairs, methods: dict, batch_pairs: int = 4, alpha: float = 0.1, progress: bool = True,
+                      **kwargs) -> dict[str, dict]:
+    """PCK of several matchers on pairs whose features (`pair_features(pipe, ..., **kwargs)`) are extracted
+    `batch_pairs` at a time and dropped, so a held-out set need not fit in memory.
+    `methods`: {name: fn(Hyperfeatures, pairs) -> list of (K, 2) predictions}, e.g. `concat_predict`."""
+    pairs, preds = list(pairs), {k: [] for k in methods}
+    for i in tqdm(range(0, len(pairs), batch_pairs), desc="held-out pairs", disable=not progress):
+        chunk = pairs[i:i + batch_pairs]
+        feats = pair_features(pipe, chunk, progress=False, **kwargs).features
+        for k, fn in methods.items():
+            preds[k] += fn(feats, chunk)
+    return {k: score(v, pairs, alpha) for k, v in preds.items()}
 
 
 # --- baselines ------------------------------------------------------------------------------------------------
@@ -346,12 +436,23 @@ def layer_descriptors(feats: Hyperfeatures, layer: str, step: int) -> torch.Tens
     return feats.select(steps=[step], layers=[layer]).maps[layer][:, 0]
 
 
-def concat_descriptors(feats: Hyperfeatures, size: int | None = None) -> torch.Tensor:
-    """Every (layer, step) map L2-normalised per pixel (so no layer dominates by scale), resized, concatenated."""
-    size = size or max(v.shape[-1] for v in feats.maps.values())
-    maps = [F.interpolate(F.normalize(v.float().flatten(0, 1), dim=1), size=(size, size), mode="bilinear",
-                          align_corners=False).unflatten(0, v.shape[:2]).flatten(1, 2) for v in feats.maps.values()]
-    return torch.cat(maps, dim=1)
+def concat_predict(feats: Hyperfeatures, pairs) -> list[np.ndarray]:
+    """The concatenation baseline's matches: every (layer, step) map L2-normalised per position (so no layer
+    dominates by scale) and concatenated, whose cosine is the mean of the blocks' cosines. So it is accumulated one
+    block at a time, each block's (K, h, w) cosine map upsampled to the target image: never all layers at one size
+    (SD1.5 at the paper's settings: 85 GiB for 48 images)."""
+    if len(feats) != 2 * len(pairs):
+        raise ValueError(f"{len(pairs)} pairs need features of {2 * len(pairs)} images, got {len(feats)}")
+    out = []
+    for i, p in enumerate(pairs):
+        sim = 0
+        for v in feats.maps.values():
+            for s in range(v.shape[1]):
+                q = F.normalize(sample_descriptors(v[2 * i, s].float(), p.src_kps, p.src_image.shape[:2]), dim=-1)
+                cos = torch.einsum("kc,chw->khw", q, F.normalize(v[2 * i + 1, s].float(), dim=0))
+                sim = sim + F.interpolate(cos[None], size=p.trg_image.shape[:2], mode="bilinear", align_corners=False)[0]
+        out.append(_argmax_xy(sim))
+    return out
 
 
 def pixel_descriptors(images, radius: int = 1) -> list[torch.Tensor]:
@@ -374,14 +475,15 @@ def sweep_layers(data: PairFeatures, alpha: float = 0.1) -> dict[tuple[str, int]
 
 # --- data -----------------------------------------------------------------------------------------------------
 def toy_pairs(n: int, split: str = "train", seed: int = 0, classes=("heart", "triangle"),
-              max_angle: float = math.pi / 4, min_keypoints: int = 2, extra_points: int = 0) -> list[Pair]:
+              max_angle: float = math.pi / 4, min_keypoints: int = 2, extra_points: int = 0,
+              size: int | None = None) -> list[Pair]:
     """Pairs of toy renders of one keypoint class with different pose (rotation within +-max_angle each),
     scale, position, colour and background; the keypoints visible in both, matched by name; boxes from masks.
     `classes` may be any of the renderer's keypoint classes (heart, moon, triangle).
-    `extra_points` adds that many random matched object points ("p0", ...; same images): with 3-4 keypoints a
-    pair's cross-entropy saturates long before the descriptors localise, so training pairs may want more."""
+    `extra_points` adds that many random matched object points ("p0", ...; same images): more supervision a pair
+    (ours; the toy world knows both poses). `size` renders the same scenes larger."""
     from ..toyworld.data import SPLITS, scene_rng
-    from ..toyworld.world import BACKGROUNDS, COLORS, KEYPOINTS, inside_shape, random_scene, render, to_pixels
+    from ..toyworld.world import BACKGROUNDS, COLORS, IMAGE_SIZE, KEYPOINTS, inside_shape, random_scene, render, to_pixels
 
     scene_rng(split, 0)  # validates the split name
     if bad := [c for c in classes if c not in KEYPOINTS]:
@@ -392,7 +494,7 @@ def toy_pairs(n: int, split: str = "train", seed: int = 0, classes=("heart", "tr
         shape = classes[i % len(classes)]
         for _ in range(100):
             colors, bgs = rng.permutation(list(COLORS))[:2], rng.permutation(list(BACKGROUNDS))[:2]
-            r = [render(random_scene(rng, 1, shape=shape, color=str(c), background=str(b),
+            r = [render(random_scene(rng, 1, size=size or IMAGE_SIZE, shape=shape, color=str(c), background=str(b),
                                      angle=rng.uniform(-max_angle, max_angle))) for c, b in zip(colors, bgs)]
             names = tuple(k for k, (_, _, v) in r[0].keypoints[0].items() if v and r[1].keypoints[0][k][2])
             if len(names) >= min_keypoints:
@@ -423,9 +525,12 @@ SPAIR_SPLITS = ("trn", "val", "test")
 SPAIR_FIELDS = ("src_imname", "trg_imname", "src_kps", "trg_kps", "src_bndbox", "trg_bndbox", "category")
 
 
-def spair_pairs(root, split: str = "test", category: str | None = None, limit: int | None = None) -> list[Pair]:
+def spair_pairs(root, split: str = "test", category: str | None = None, limit: int | None = None,
+                seed: int | None = None) -> list[Pair]:
     """SPair-71k: root/PairAnnotation/<split>/*.json and root/JPEGImages/<category>/<imname>. Boxes are
-    (xmin, ymin, xmax, ymax); keypoints are integer pixel indices, read as is (half a pixel off our convention)."""
+    (xmin, ymin, xmax, ymax); keypoints are integer pixel indices, read as is (half a pixel off our convention).
+    Files are read in name order (category by category); `seed` shuffles them first, as the official trainer
+    permutes its pairs, so that `limit` draws from every category."""
     from PIL import Image
 
     if split not in SPAIR_SPLITS:
@@ -435,7 +540,10 @@ def spair_pairs(root, split: str = "test", category: str | None = None, limit: i
         raise FileNotFoundError(f"{folder} not found: expected SPair-71k's PairAnnotation/<split>/*.json layout")
     load = lambda cat, name: np.array(Image.open(Path(root) / "JPEGImages" / cat / name).convert("RGB"))
     pairs = []
-    for f in sorted(folder.glob("*.json")):
+    files = sorted(folder.glob("*.json"))
+    if seed is not None:
+        files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+    for f in files:
         d = json.loads(f.read_text())
         if missing := [k for k in SPAIR_FIELDS if k not in d]:
             raise ValueError(f"{f.name} lacks {missing}; SPair pair annotations have {SPAIR_FIELDS}")
@@ -447,3 +555,26 @@ def spair_pairs(root, split: str = "test", category: str | None = None, limit: i
         if limit is not None and len(pairs) >= limit:
             break
     return pairs
+
+
+def write_spair_fixture(root, n: int, split: str = "test", size: int = 128, seed: int = 0) -> Path:
+    """`n` toy pairs written in SPair-71k's layout (JPEGImages/<category>/*.jpg, PairAnnotation/<split>/*.json with
+    integer pixel keypoints, as SPair's) for `spair_pairs`: with no SPair folder, the real loader's path still runs."""
+    from PIL import Image
+
+    if split not in SPAIR_SPLITS:
+        raise ValueError(f"split must be one of {SPAIR_SPLITS}, got {split!r}")
+    root = Path(root)
+    (root / "PairAnnotation" / split).mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(toy_pairs(n, "train" if split == "trn" else "heldout", seed=seed, size=size)):
+        (root / "JPEGImages" / p.category).mkdir(parents=True, exist_ok=True)
+        names = [f"{split}_{seed}_{i:05d}_{side}.jpg" for side in "st"]
+        for name, im in zip(names, (p.src_image, p.trg_image)):
+            Image.fromarray(im).save(root / "JPEGImages" / p.category / name, quality=95)
+        ann = {"pair_id": i, "category": p.category, "src_imname": names[0], "trg_imname": names[1],
+               "src_imsize": [size, size, 3], "trg_imsize": [size, size, 3], "kps_ids": list(p.names),
+               "src_kps": np.floor(p.src_kps).astype(int).tolist(), "trg_kps": np.floor(p.trg_kps).astype(int).tolist(),
+               "src_bndbox": p.src_bbox.astype(int).tolist(), "trg_bndbox": p.trg_bbox.astype(int).tolist()}
+        (root / "PairAnnotation" / split / f"{i:06d}-{names[0][:-4]}-{names[1][:-4]}:{p.category}.json").write_text(
+            json.dumps(ann))
+    return root
