@@ -239,3 +239,14 @@ def test_pilot_training_path_reuses_the_vae_and_exports_a_loadable_pipeline(tmp_
     img = pipe(["a red heart and a blue moon and a green circle on a dotted background"], num_inference_steps=2,
                output_type="np").images
     assert img.shape == (1, 64, 64, 3)
+
+
+def test_vae_only_run_on_several_worlds(tmp_path):
+    """The shared pilot VAE: trained on renders of several worlds, exported alone (no UNet data rendered)."""
+    from diffnb.toyworld.train import main
+
+    main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "export"), "--world", "v2", "--vae-worlds",
+          "v1,texture", "--vae-steps", "1", "--unet-steps", "0", "--n-images", "8", "--batch", "2", "--grounding", "0",
+          "--threads", "1"])
+    assert (tmp_path / "export" / "vae" / "config.json").exists() and not (tmp_path / "run" / "data.npz").exists()
+    assert {p.name for p in (tmp_path / "run").glob("vae_data_*.npz")} == {"vae_data_v1.npz", "vae_data_texture.npz"}

@@ -355,6 +355,9 @@ def main(argv=None):
                    help="which world variant to train on (diffnb.toyworld.world.WORLDS; v1: the shipped model's)")
     p.add_argument("--transformer-layers", type=int, default=1,
                    help="transformer blocks per attention in the UNet (1: the shipped model)")
+    p.add_argument("--vae-worlds", default=None,
+                   help="comma-separated worlds whose renders (--n-images split evenly) train the VAE instead of "
+                        "--world's: one VAE shared by several worlds' pilots")
     p.add_argument("--vae-from", type=Path, default=None,
                    help="reuse this trained AutoencoderKL folder (e.g. diffnb/assets/toy/vae) instead of training one: "
                         "for worlds whose images are of the same kind, so a fixed budget goes to the UNet")
@@ -392,11 +395,21 @@ def main(argv=None):
             log_file.write(f"{stage},{step},{value:.5f},{last[stage]:.5f},{time.time():.0f}\n")
             log_file.flush()
 
-    data = render_dataset(args.out / "data.npz", args.n_images, args.world,
-                          args.out / "masks16.npy" if args.grounding > 0 else None)
+    vae_only = args.unet_steps == 0 and args.vae_worlds
+    data = None if vae_only else render_dataset(args.out / "data.npz", args.n_images, args.world,
+                                                args.out / "masks16.npy" if args.grounding > 0 else None)
     if args.vae_from is None:
-        train_vae(vae, data, args, device, log)
+        vae_data = data
+        if args.vae_worlds:
+            worlds = args.vae_worlds.split(",")
+            parts = [render_dataset(args.out / f"vae_data_{w}.npz", args.n_images // len(worlds), w) for w in worlds]
+            vae_data = {"images": np.concatenate([d["images"] for d in parts])}
+        train_vae(vae, vae_data, args, device, log)
     vae.eval()
+    if args.unet_steps == 0:  # a VAE-only run: export it (with an untrained UNet) and stop
+        args.scaling_factor = 1.0
+        export(tokenizer, text_encoder, vae, unet, args)
+        return
     latents = encode_latents(vae, data, args.out / "latents.npy", device)
     args.scaling_factor = float(1.0 / latents.std())
     masks = object_masks(args.out / "masks16.npy", args.n_images, world=args.world) if args.grounding > 0 else None
