@@ -135,6 +135,10 @@ def test_cached_anchors_reproduce_the_batch(tiny, ablation):
     assert np.abs(vanilla.images[2:] - batch.images[2:]).max() > 1e-3  # the anchors really acted
     alone = generate(tiny, PROMPTS[2:], "heart", args, seeds=[12, 13], n_anchors=2, **kw)
     assert np.abs(alone.images - new.images).max() > 1e-3  # not the same as sharing among themselves
+    host = generate(tiny, PROMPTS[:2], "heart", args, seeds=[10, 11], cache_anchors="cpu", **kw).anchors
+    assert all(t.device.type == "cpu" for kv in host.kv.values() for t in kv)
+    again = generate(tiny, PROMPTS[2:], "heart", args, seeds=[12, 13], anchors=host, **kw)
+    assert np.abs(again.images - new.images).max() < 1e-5
 
 
 def test_multi_subject_masks_are_a_union(tiny):
@@ -182,6 +186,8 @@ def test_bad_input(tiny):
     cache = generate(tiny, PROMPTS[:2], "heart", num_inference_steps=2, cache_anchors=True).anchors
     with pytest.raises(ValueError, match="same as theirs"):
         generate(tiny, PROMPTS[2:], "heart", num_inference_steps=3, anchors=cache)
+    with pytest.raises(ValueError, match="cache_anchors must be"):
+        generate(tiny, PROMPTS[:2], "heart", num_inference_steps=2, cache_anchors="gpu")
     with pytest.raises(TypeError, match="AnchorCache"):
         generate(tiny, PROMPTS[2:], "heart", num_inference_steps=2, anchors={"kv": {}})
 

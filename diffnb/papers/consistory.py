@@ -126,10 +126,11 @@ class ConsiStoryRun:
     """Per-generation state shared by the processors and the UNet pre-hook (step, masks, caches)."""
 
     def __init__(self, args: ConsiStoryArgs, token_ids: list[list[list[int]]], n_steps: int, halves: int,
-                 anchors: AnchorCache | None = None, record: bool = False):
+                 anchors: AnchorCache | None = None, record: bool | str = False):
         self.args, self.token_ids, self.n_steps, self.halves = args, token_ids, n_steps, halves
         self.n = len(token_ids)
-        self.cached, self.record = anchors, record
+        self.cached, self.record = anchors, bool(record)
+        self.keep_on = "cpu" if record == "cpu" else None  # where the anchor cache lives (None: the model's device)
         self.state, self.passno = RunState(), 1
         self.store = CrossAttentionStore()  # fed only by the mask layers (`consistory` picks them)
         self.vanilla, self.queries = False, {}
@@ -251,7 +252,7 @@ class ConsiStoryAttention(AttentionProcessor):
         B, H, _, d = k.shape
         key = (run.passno, name, step)
         if run.cached is not None:  # new prompts against cached anchors: all cached tokens are visible
-            ek, ev = run.cached.kv[key]
+            ek, ev = (t.to(k.device) for t in run.cached.kv[key])
             attn_mask = None
         else:
             src = run.sources()
@@ -261,7 +262,7 @@ class ConsiStoryAttention(AttentionProcessor):
             owner = torch.arange(len(src), device=k.device).repeat_interleave(P)[allowed]
             ek, ev = (t.view(h, n, H, P, d)[:, src].transpose(1, 2).reshape(h, H, -1, d)[:, :, allowed] for t in (k, v))
             if run.record:
-                run.record_kv[key] = (ek, ev)
+                run.record_kv[key] = (ek.to(run.keep_on), ev.to(run.keep_on)) if run.keep_on else (ek, ev)
             sees = owner[None, :] != torch.arange(n, device=k.device)[:, None]  # no image sees itself twice
             attn_mask = torch.cat([torch.ones(n, P, dtype=torch.bool, device=k.device), sees], 1)
             attn_mask = attn_mask.repeat(h, 1)[:, None, None, :]
@@ -279,11 +280,11 @@ class ConsiStoryAttention(AttentionProcessor):
         x = out.view(h, n, P, C)
         key = (run.passno, self.layer_name, run.state.step)
         if run.cached is not None:
-            src_out = run.cached.out[key]
+            src_out = run.cached.out[key].to(out.device)
         else:
             src_out = x[-1, run.sources()]  # (S, P, C), the anchors' conditional outputs
             if run.record:
-                run.record_out[key] = src_out
+                run.record_out[key] = src_out.to(run.keep_on) if run.keep_on else src_out
         if call.height not in run.nn:
             return out
         idx, use = (t.to(out.device) for t in run.nn[call.height])
@@ -374,13 +375,14 @@ def _latents(pipe, seeds, height, width):
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], subject_words: list[str] | str, args: ConsiStoryArgs | None = None,
-             seeds: list[int] | None = None, anchors: AnchorCache | None = None, cache_anchors: bool = False,
+             seeds: list[int] | None = None, anchors: AnchorCache | None = None, cache_anchors: bool | str = False,
              num_inference_steps: int = 20, guidance_scale: float = 5.0, size: int | None = None,
              **overrides) -> ConsiStoryOutput:
     """Generate `prompts` with one consistent subject; images 0..n_anchors-1 are the anchors.
 
     `anchors`: an `AnchorCache` from an earlier call with `cache_anchors=True`; then every prompt is a new image
-    that sees only the cached anchors (the anchors are not recomputed). `seeds`: one per image (default 0..n-1).
+    that sees only the cached anchors (the anchors are not recomputed); `cache_anchors="cpu"` keeps that cache in
+    host memory (official `--cache_cpu_offloading`: on SDXL it holds GBs). `seeds`: one per image (default 0..n-1).
     `size`: square image side in pixels (default: the model's). Decoding goes through `decode_latents`, in
     batches that fit (SDXL's VAE runs in fp32).
     """
@@ -396,6 +398,8 @@ def generate(pipe, prompts: list[str], subject_words: list[str] | str, args: Con
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    if cache_anchors not in (False, True, "cpu"):
+        raise ValueError(f"cache_anchors must be False, True or 'cpu', got {cache_anchors!r}")
     halves = 2 if guidance_scale > 1 else 1
     if anchors is not None:
         if not isinstance(anchors, AnchorCache):
@@ -409,7 +413,8 @@ def generate(pipe, prompts: list[str], subject_words: list[str] | str, args: Con
     latents = _latents(pipe, seeds, size, size).to(pipe.device, pipe.unet.dtype)
     pipe.scheduler.set_timesteps(num_inference_steps)
     dift_step = int(torch.argmin((pipe.scheduler.timesteps.float() - args.dift_timestep).abs()))
-    run = ConsiStoryRun(args, tok, num_inference_steps, halves, anchors, cache_anchors and anchors is None)
+    run = ConsiStoryRun(args, tok, num_inference_steps, halves, anchors, cache_anchors if anchors is None else False)
+
     def call():
         out = pipe(list(prompts), latents=latents, num_inference_steps=num_inference_steps, height=size, width=size,
                    guidance_scale=guidance_scale, output_type="latent").images
