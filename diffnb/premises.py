@@ -76,6 +76,16 @@ def _score(scorer: Scorer, images: np.ndarray, keys) -> dict[str, np.ndarray]:
     return {k: np.asarray(out[k]) for k in out}
 
 
+def bootstrap_ci(groups, statistic, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of `statistic(resampled groups)`, resampling whole groups (sets / images) with
+    replacement, paired: a group carries all its conditions together."""
+    rng = np.random.default_rng(seed)
+    groups = list(groups)
+    stats = [statistic([groups[i] for i in rng.integers(len(groups), size=len(groups))]) for _ in range(n)]
+    lo, hi = np.nanpercentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int(seed))
 
@@ -99,7 +109,7 @@ def emerdiff_locality(pipe, images, n_regions, args=None, segments_per_region: i
     if not images or len(regions) != len(images) or any(not isinstance(r, int) or r < 1 for r in regions):
         raise ValueError("need >= 1 image and one region count >= 1 per image")
     t0 = time.perf_counter()
-    ratios, on_bg, per_image = [], [], []
+    ratios, on_bg, per_image, groups = [], [], [], []
     for i, (image, r) in enumerate(zip(images, regions)):
         out = segment(pipe, image, replace(args, n_segments=segments_per_region * r))
         side_h, side_w = out.differences.shape[1:]
@@ -116,11 +126,14 @@ def emerdiff_locality(pipe, images, n_regions, args=None, segments_per_region: i
             if masks is not None:
                 on_bg.append(bool(np.asarray(masks[i])[-1][inside].mean() > 0.5))
         ratios += mine
+        groups.append(mine)
         per_image.append(float(np.median(mine)) if mine else float("nan"))
     ratios_a = np.array(ratios)
     details = {"modulations": len(ratios), "images": len(images), "share_above_1.5": float(np.mean(ratios_a > 1.5)),
                "per_image_median": per_image, "segments_per_region": segments_per_region,
-               "layer": args.modulate_layer, "t_m": args.t_m, "strength": args.strength}
+               "layer": args.modulate_layer, "t_m": args.t_m, "strength": args.strength,
+               "ci95_over_images": bootstrap_ci(groups, lambda g: float(np.median(sum(g, []))) if sum(g, []) else np.nan)
+               if ratios else None}
     if masks is not None and ratios:
         bg = np.array(on_bg)
         details["median_background_segments"] = float(np.median(ratios_a[bg])) if bg.any() else None
@@ -162,15 +175,18 @@ def consistory_transfer(pipe, scorer: Scorer, sets, subject_words, seeds, identi
     runs = {name: np.stack([_uint8(generate(pipe, list(p), w, a, seeds=list(s), **kw).images)
                             for p, w, s in zip(sets, subject_words, seeds)])
             for name, a in (("vanilla", vanilla), ("shared", share))}
-    details, value = {"sets": len(sets), "per_set": len(sets[0]), "identity": list(identity)}, {}
+    details, value, per_set = {"sets": len(sets), "per_set": len(sets[0]), "identity": list(identity)}, {}, {}
     for name, imgs in runs.items():
         flat = imgs.reshape(-1, *imgs.shape[2:])
         pred = _score(scorer, flat, identity)
         lab = np.stack([pred[k].reshape(imgs.shape[:2]) for k in identity], -1)
         value[name] = _agreement(lab)
+        per_set[name] = [_agreement(lab[i:i + 1]) for i in range(len(lab))]
         details[f"{name}_identity_agreement"] = value[name]
         for k, v in pred.items():
             details[f"{name}_{k}_agreement"] = _agreement(np.asarray(v).reshape(*imgs.shape[:2], 1))
+    details["ci95_over_sets"] = bootstrap_ci(list(zip(per_set["shared"], per_set["vanilla"])),
+                                             lambda g: float(np.mean([a - b for a, b in g])))
     return Premise("consistory_transfer", value["shared"] - value["vanilla"], BARS["consistory_transfer"], details,
                    time.perf_counter() - t0)
 
@@ -198,11 +214,13 @@ def style_aligned_shape(pipe, scorer: Scorer, sets, shapes, seeds, args=None, nu
     runs = {"vanilla": [pipe(list(p), generator=_generator(s), **kw).images for p, s in zip(sets, seeds)],
             "shared": [generate(pipe, list(p), args=args, generator=_generator(s), **kw) for p, s in zip(sets, seeds)]}
     want = np.array([x for s in shapes for x in s])
-    details, acc = {"sets": len(sets), "images": len(want)}, {}
+    details, acc, correct = {"sets": len(sets), "images": len(want)}, {}, {}
     for name, imgs in runs.items():
         flat = _uint8(np.concatenate([np.asarray(i) for i in imgs]))
         pred = _score(scorer, flat, ("shape",) + ((style_key,) if style_key else ()))
         acc[name] = float((pred["shape"] == want).mean())
+        bounds = np.cumsum([0] + [len(p) for p in sets])
+        correct[name] = [int((pred["shape"] == want)[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
         details[f"{name}_shape_accuracy"] = acc[name]
         if style_key:
             lab, start = pred[style_key], 0
@@ -212,6 +230,8 @@ def style_aligned_shape(pipe, scorer: Scorer, sets, shapes, seeds, args=None, nu
                 start += len(p)
             details[f"{name}_{style_key}_agreement"] = float(np.mean(agree))
     value = acc["shared"] / acc["vanilla"] if acc["vanilla"] > 0 else float("nan")
+    ratio = lambda g: sum(a for a, _ in g) / sum(b for _, b in g) if sum(b for _, b in g) else np.nan
+    details["ci95_over_sets"] = bootstrap_ci(list(zip(correct["shared"], correct["vanilla"])), ratio)
     return Premise("style_aligned_shape", value, BARS["style_aligned_shape"], details, time.perf_counter() - t0)
 
 

@@ -106,3 +106,10 @@ def test_toy_premises_tiny_sizes():
     res = premises.toy_premises(pipe, Probes().predict, sizes="tiny", progress=False)
     assert set(res) == set(premises.BARS)
     assert all(np.isfinite(r.value) and isinstance(r.to_dict()["holds"], bool) for r in res.values())
+
+
+def test_bootstrap_interval_resamples_whole_groups():
+    lo, hi = premises.bootstrap_ci([(1, 0)] * 10, lambda g: float(np.mean([a - b for a, b in g])))
+    assert lo == hi == 1.0  # every resample of identical paired groups gives the same gain
+    lo, hi = premises.bootstrap_ci([(1, 0), (0, 0)] * 10, lambda g: float(np.mean([a - b for a, b in g])))
+    assert 0.2 < lo < 0.5 < hi < 0.8
