@@ -268,3 +268,18 @@ def test_cfg_true_without_a_guidance_batch_raises(tiny):
     with style_aligned(tiny.unet, cfg=False):
         shared = tiny(PROMPTS[:2], generator=gen(0), **kw).images
     assert (shared[1] - vanilla[1]).abs().max() > 1e-3 and (shared[0] - vanilla[0]).abs().max() < 1e-4
+
+
+def test_transfer_builds_every_unet_input_on_the_unets_device(tiny):
+    """A tensor built without device= (CPU next to a CUDA UNet) is refused here too: the pinned reference, the
+    seeded noise and the cfg check must all stay on the latents' device."""
+    from diffnb import standin
+    handle = standin.install_device_check(tiny.unet)
+    try:
+        img = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+        with standin.host_tensors_flagged():
+            out = transfer(tiny, img, "a red heart, flat art.", ["a cat"], style="flat art", num_inference_steps=7,
+                           generator=gen(0), output_type="latent", progress=False)
+    finally:
+        handle.remove()
+    assert torch.isfinite(out).all()
