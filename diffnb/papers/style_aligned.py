@@ -77,9 +77,8 @@ class TransferArgs:
     def __post_init__(self):
         if not isinstance(self.offset, int) or self.offset < 0:
             raise ValueError(f"offset must be an int >= 0, got {self.offset!r}")
-        if self.inversion_guidance < 1 or self.guidance_scale < 1:
-            raise ValueError(f"guidance scales must be >= 1, got inversion {self.inversion_guidance}, "
-                             f"generation {self.guidance_scale}")
+        if min(self.inversion_guidance, self.guidance_scale) < 1:
+            raise ValueError(f"guidance scales must be >= 1, got {self.inversion_guidance}, {self.guidance_scale}")
 
     @classmethod
     def for_model(cls, name: str, **overrides) -> "TransferArgs":
@@ -173,10 +172,9 @@ def _check_cfg_batch(module, args, kwargs):
     b = x.shape[0]
     if b % 2 or not torch.equal(x[: b // 2], x[b // 2:]):
         raise ValueError(
-            f"style_aligned(cfg=True) expects a classifier-free-guidance batch [uncond..., cond...] with the same "
-            f"latents in both halves, but the UNet got a batch of {b} without one (guidance_scale <= 1?): each "
-            f"image would be its own reference and nothing would be shared. Use style_aligned(unet, cfg=False) "
-            f"when guidance_scale <= 1, or generate(), which picks it from guidance_scale.")
+            f"style_aligned(cfg=True) expects a classifier-free-guidance batch [uncond..., cond...] (the same latents "
+            f"in both halves), but the UNet got a batch of {b} without one (guidance_scale <= 1?): each image would be "
+            f"its own reference. Use style_aligned(unet, cfg=False) when guidance_scale <= 1, or generate().")
 
 
 def _shared_norm_hook(halves: int):
