@@ -2,40 +2,51 @@
 architecture built from its config with random weights (timing does not depend on weights).
 
     python benchmarks/style_aligned.py            # toy on CPU -> benchmarks/results/style_aligned_cpu.json
-    python benchmarks/style_aligned.py --sdxl     # GPU: SDXL architecture, 1024², batch 4
+    python benchmarks/style_aligned.py --sdxl     # GPU: SDXL architecture, 1024², batch 4 under CFG, one UNet step
+    python benchmarks/style_aligned.py --tiny     # the --sdxl code path on a tiny SDXL-shaped UNet (smoke test, CPU)
 """
-import argparse
 from pathlib import Path
 
 import torch
 
-from diffnb.bench import compare
-from diffnb.papers.style_aligned import style_aligned
+from diffnb.bench import benchmark_parser, compare
+from diffnb.papers.style_aligned import StyleAlignedArgs, style_aligned
 
 OUT = Path(__file__).resolve().parent / "results"
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--sdxl", action="store_true", help="full-size SDXL UNet from config on CUDA")
-    p.add_argument("--repeats", type=int, default=3)
-    a = p.parse_args()
-    torch.set_grad_enabled(False)
-    if a.sdxl:
-        from diffnb.models import full_size_unet
-        unet = full_size_unet("sdxl")
-        x = torch.randn(4, 4, 128, 128, device="cuda", dtype=torch.float16).repeat(2, 1, 1, 1)  # batch 4 under CFG:
-        # the same latents in both halves, as a pipeline builds them (style_aligned(cfg=True) checks it)
-        cond = dict(encoder_hidden_states=torch.randn(8, 77, 2048, device="cuda", dtype=torch.float16),
-                    added_cond_kwargs={"text_embeds": torch.randn(8, 1280, device="cuda", dtype=torch.float16),
-                                       "time_ids": torch.randn(8, 6, device="cuda", dtype=torch.float16)})
-        step = lambda: unet(x, 500, **cond)
+def unet_step(unet, device, dtype, images: int = 4):
+    """One UNet call on `images` under CFG: the same latents in both halves, as a pipeline builds them
+    (style_aligned(cfg=True) checks it); conditioning shaped from the UNet's config (SDXL's added time ids)."""
+    c = unet.config
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)
+    x = rand(images, c.in_channels, c.sample_size, c.sample_size).repeat(2, 1, 1, 1)
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    cond = dict(encoder_hidden_states=rand(2 * images, 77, c.cross_attention_dim),
+                added_cond_kwargs={"text_embeds": rand(2 * images, pooled), "time_ids": rand(2 * images, 6)})
+    return lambda: unet(x, torch.tensor(500, device=device), **cond)
+
+
+@torch.no_grad()  # not set_grad_enabled: tests call main() and must get grad mode back
+def main(argv=None):
+    p = benchmark_parser("sdxl", "full-size SDXL UNet from its config on CUDA, 1024², batch 4 under CFG")
+    a = p.parse_args(argv)
+    if a.sdxl or a.tiny:
+        from diffnb.models import full_size_unet, tiny_pipeline
+        device, dtype = ("cuda", torch.float16) if a.sdxl else ("cpu", torch.float32)
+        unet = full_size_unet("sdxl") if a.sdxl else tiny_pipeline("sdxl").unet
+        step = unet_step(unet, device, dtype)
+        args = StyleAlignedArgs.for_model("sdxl")  # the official SDXL notebook's settings
+
         def method():
-            with style_aligned(unet):
+            with style_aligned(unet, args):
                 step()
-        compare("style_aligned_sdxl_unet_step", step, method, "cuda", a.repeats, OUT / "style_aligned_gpu.json",
-                setting="SDXL UNet, 1024², batch 4 with CFG, one denoising step")
-        return
+        return compare("style_aligned_sdxl_unet_step", step, method, device, a.repeats,
+                       a.out or OUT / ("style_aligned_gpu.json" if a.sdxl else "style_aligned_tiny.json"),
+                       setting="SDXL UNet (random weights), 1024², batch 4 under CFG, one denoising step, "
+                               "StyleAlignedArgs.for_model('sdxl')" if a.sdxl else
+                               "tiny SDXL-shaped UNet (smoke test of the GPU path)")
     from diffnb.models import load_pipeline
     pipe = load_pipeline("toy", device="cpu")
     prompts = ["a red heart", "a blue moon", "a yellow triangle", "a green circle"]
@@ -43,8 +54,8 @@ def main():
     def method():
         with style_aligned(pipe.unet):
             run()
-    compare("style_aligned_toy", run, method, "cpu", a.repeats, OUT / "style_aligned_cpu.json",
-            setting="toy model, 64², batch 4 with CFG, 20 DDIM steps")
+    return compare("style_aligned_toy", run, method, "cpu", a.repeats, a.out or OUT / "style_aligned_cpu.json",
+                   setting="toy model, 64², batch 4 with CFG, 20 DDIM steps")
 
 
 if __name__ == "__main__":
