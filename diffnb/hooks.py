@@ -237,6 +237,8 @@ class CrossAttentionStore(AttentionProcessor):
             raise RuntimeError(f"no cross-attention was recorded: {why}")
         if resolution is not None and resolution not in self.sums:
             raise ValueError(f"no maps at resolution {resolution}; recorded: {sorted(self.sums)}")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"size must be a positive int (the side of the returned maps) or None, got {size!r}")
         chosen = [resolution] if resolution is not None else sorted(self.sums)
         size = size or max(chosen)
         out = 0

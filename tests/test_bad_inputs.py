@@ -141,6 +141,7 @@ CASES = [
     P(lambda: _store_maps("self").maps(), RuntimeError, "self-attention layers only", id="store-on-self-attention"),
     P(lambda: CrossAttentionStore().maps(), RuntimeError, "never ran", id="store-never-ran"),
     P(lambda: _store_maps().maps(resolution=99), ValueError, "no maps at resolution 99", id="store-maps-bad-resolution"),
+    P(lambda: _store_maps().maps(size=(64, 64)), ValueError, "size must be a positive int", id="store-maps-size-tuple"),
     P(lambda: CrossAttentionStore(resolutions="16"), ValueError, "feature-map sides", id="store-resolutions-string"),
     P(lambda: CrossAttentionStore(steps=[1]), ValueError, "needs a RunState", id="store-steps-without-state"),
     P(lambda: CrossAttentionStore(16), TypeError, "are keywords", id="store-positional-resolution"),
