@@ -91,7 +91,7 @@ def fidelity(pipe, probes, world: str, n: int = 100, steps: int = 20, guidance: 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name")
-    p.add_argument("--sizes", default="small")
+    p.add_argument("--sizes", default="full", help="premise sizes (small reads too few sets: see pilots/README.md)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--probe-steps", type=int, default=1500, help="training steps of a non-v1 world's probes")
     p.add_argument("--fidelity-n", type=int, default=100)
