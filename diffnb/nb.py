@@ -23,7 +23,19 @@ def setup(seed: int = 0, device=None, dtype=None):
     torch.manual_seed(seed)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     print(f"torch {torch.__version__} | device {name} | dtype {str(dtype).replace('torch.', '')} | seed {seed}")
+    print(model_hint(device))
     return device, dtype
+
+
+def model_hint(device: torch.device) -> str:
+    """Which model the notebook will run and how to switch: the first thing a Colab user needs to read."""
+    chosen = os.environ.get("DIFFNB_MODEL")
+    now = f"DIFFNB_MODEL={chosen} is set and wins over the form" if chosen else "the parameters cell's form decides"
+    if device.type == "cuda":
+        return (f"model: {now}. A GPU is here: pick MODEL = 'sd15' or 'sdxl' in the parameters cell's form to run "
+                "Stable Diffusion from the hub (weights download on first use), or keep 'toy' (seconds, any device).")
+    return (f"model: {now}. 'toy' (the default) runs here in about two minutes; 'sd15' / 'sdxl' need a GPU "
+            "(on Colab: Runtime > Change runtime type > T4 GPU).")
 
 
 def _check_seed(seed):

@@ -120,3 +120,14 @@ def test_memory_estimate_from_the_real_configs():
     assert small["host_gib"] < 12
     with pytest.raises(ValueError, match="not a pipeline"):
         estimate_memory("clip")
+
+
+def test_setup_says_which_model_runs_and_how_to_switch(monkeypatch):
+    from diffnb.nb import model_hint
+
+    monkeypatch.delenv("DIFFNB_MODEL", raising=False)
+    gpu = model_hint(torch.device("cuda"))
+    assert "'sd15' or 'sdxl'" in gpu and "form" in gpu
+    assert "need a GPU" in model_hint(torch.device("cpu"))
+    monkeypatch.setenv("DIFFNB_MODEL", "sdxl")
+    assert "DIFFNB_MODEL=sdxl is set" in model_hint(torch.device("cuda"))
