@@ -382,6 +382,20 @@ def toy_premises(pipe, scorer: Scorer, world: str = "v1", sizes: ToySizes | str 
     return out
 
 
+def code_version() -> dict:
+    """The commit and the package files that differ from it: premise numbers move with the methods' code."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout
+    try:
+        return {"commit": git("rev-parse", "HEAD").strip(),
+                "modified": [l.split(maxsplit=1)[1] for l in git("status", "--porcelain", "--", "diffnb").splitlines()
+                             if l.strip()]}
+    except OSError:
+        return {}
+
+
 def load_folder(path, device: str = "cpu"):
     """A StableDiffusionPipeline saved with save_pretrained (e.g. a pilot's export), as `load_pipeline("toy")`
     loads the toy: fp32 on the CPU, DDIM, no progress bars."""
@@ -425,7 +439,7 @@ def main(argv=None):
     for r in res.values():
         print(r.line())
     if a.json:
-        Path(a.json).write_text(json.dumps({"model": a.model, "world": a.world, "sizes": a.sizes,
+        Path(a.json).write_text(json.dumps({"model": a.model, "world": a.world, "sizes": a.sizes, "code": code_version(),
                                             "premises": {k: v.to_dict() for k, v in res.items()}}, indent=1, default=float))
     return res
 

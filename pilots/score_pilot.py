@@ -97,7 +97,7 @@ def main():
     p.add_argument("--fidelity-n", type=int, default=100)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    from diffnb.premises import load_folder, toy_premises
+    from diffnb.premises import code_version, load_folder, toy_premises
     from diffnb.toyworld.probes import Probes
 
     run, world = RUNS / a.name, PILOTS[a.name]["world"] if a.name in PILOTS else a.name
@@ -121,7 +121,7 @@ def main():
         "train_cpu_minutes": round(sum(c["cpu_s"] for c in cpu if c["stage"] == "train") / 60, 1),
         "probe_heldout_accuracy": probes.heldout_accuracy, "fidelity": fid, "sizes": a.sizes,
         "premises": {k: v.to_dict() for k, v in prem.items()},
-        "score_seconds": round(time.perf_counter() - t0, 1),
+        "score_seconds": round(time.perf_counter() - t0, 1), "code": code_version(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{a.name}.json").write_text(json.dumps(result, indent=1, default=float))
