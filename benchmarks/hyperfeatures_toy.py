@@ -45,7 +45,7 @@ def main():
     p.add_argument("--output-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-pairs", type=int, default=1)
-    p.add_argument("--train-steps", type=int, default=1500, help="training steps of each aggregator (one pair a step)")
+    p.add_argument("--train-steps", type=int, default=1000, help="training steps of each aggregator (one pair a step)")
     p.add_argument("--max-angle", type=float, default=0.785, help="rotation of each image, +- radians")
     p.add_argument("--seed", type=int, default=1, help="pairs and initialisation; notebook 03 uses seed 0")
     p.add_argument("--cache", default="", help="torch.save the extracted features here / reuse them")
