@@ -1,16 +1,26 @@
-"""EmerDiff: the modulation is where the mask says, batching changes nothing, the model is restored, evaluation."""
+"""EmerDiff: the modulation is where the mask says, batching changes nothing, the model is restored, evaluation;
+the paper's Gaussian filter on real models (parity), tensors on the latents' device, batched decoding, SDXL
+defaults, and image input."""
+import functools
+import types
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diffnb.inversion import ddim_invert, encode_image
 from diffnb.layers import resolution
+from diffnb.models import family, tiny_pipeline
+from diffnb.papers import emerdiff
 from diffnb.papers.emerdiff import (EmerDiffArgs, difference_maps, hungarian_miou, lowres_segments,
                                     modulated_denoise, segment, upsample_labels)
 
-TINY = dict(query_layer="up_blocks.1.attentions.0.transformer_blocks.0.attn2",
-            modulate_layer="up_blocks.1.attentions.1.transformer_blocks.0.attn2",
-            n_segments=3, num_inference_steps=5, t_m=401, strength=10.0)
+LAYERS = dict(query_layer="up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+              modulate_layer="up_blocks.1.attentions.1.transformer_blocks.0.attn2")
+TINY = dict(**LAYERS, n_segments=3, num_inference_steps=5, t_m=401, strength=10.0)
+pytestmark = pytest.mark.filterwarnings("ignore:query_layer .* works at")  # the tiny pipelines' up_blocks.1
 
 
 def image(seed=0, size=64):
@@ -117,3 +127,143 @@ def test_ddpm_inversion_is_exact_and_segments(tiny):
         ddpm_invert(tiny, z0, 5, start_at=450)
     with pytest.raises(ValueError, match="inversion must be"):
         EmerDiffArgs(inversion="ddim-ish")
+
+
+# --- fidelity: the paper's Gaussian filter on the difference maps, on by default on real models ----------------
+def gaussian_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
+    """Written here from the definition, not from emerdiff: a normalised Gaussian kernel truncated at 3σ, applied
+    separably along H and W, edges extended (replicate)."""
+    r = int(3 * sigma)
+    x = torch.arange(-r, r + 1, dtype=torch.float64)
+    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    t = F.pad(torch.as_tensor(maps, dtype=torch.float64)[:, None], (r, r, r, r), mode="replicate")
+    t = F.conv2d(F.conv2d(t, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
+    return t[:, 0].numpy()
+
+
+def test_real_model_defaults_filter_the_difference_maps(tiny, monkeypatch):
+    """The paper Gaussian-filters d^i = ‖I⁻ − I⁺‖₂ "to suppress pixelated artifacts" before the argmax; our σ is
+    half of SD's ×8 latent cell (4 px). Re-derived here from the decoded images the run itself produced."""
+    decoded = []
+    real_decode = emerdiff.decode_latents
+    monkeypatch.setattr(emerdiff, "decode_latents", lambda *a, **k: decoded.append(real_decode(*a, **k)) or decoded[-1])
+    args = EmerDiffArgs.for_model(family(tiny), **LAYERS, n_segments=3, num_inference_steps=5, t_m=401)
+    res = segment(tiny, image(6), args)
+    images = np.concatenate(decoded)  # float 0..255: [unmodulated, I+_1, I-_1, I+_2, I-_2, ...]
+    assert images.dtype == np.float32 and len(images) == 7
+    raw = np.sqrt(((images[2::2].astype(np.float64) - images[1::2]) ** 2).sum(-1))  # ‖I⁻ − I⁺‖₂ over RGB
+    expected = gaussian_blur(raw, 4.0)
+    assert np.abs(expected - raw).max() > 0.1  # the filter is visible on these maps
+    np.testing.assert_allclose(res.differences, expected, rtol=1e-4, atol=1e-3)
+    assert (res.labels == expected.argmax(0)).mean() > 0.999
+    assert EmerDiffArgs().smooth_sigma == EmerDiffArgs.for_model("sdxl").smooth_sigma == 4.0
+
+
+# --- crashes --------------------------------------------------------------------------------------------------
+def on_cpu(fn):
+    @functools.wraps(fn)
+    def wrapped(*a, **k):
+        with torch.device("cpu"):
+            return fn(*a, **k)
+    return wrapped
+
+
+def test_every_tensor_on_the_latents_device(tiny, monkeypatch):
+    """On CUDA every segment() died: the k-means timestep was built on the CPU. Under a meta default device a
+    tensor built without device= lands on meta, as it would land on the CPU next to a CUDA model. The shared
+    helpers (text encoding: the tokenizer's tensors; inversion; decoding) run with the CPU default: this checks
+    EmerDiff's own code."""
+    for name in ("unet_conditioning", "encode_image", "ddim_invert", "ddpm_invert", "decode_latents"):
+        monkeypatch.setattr(emerdiff, name, on_cpu(getattr(emerdiff, name)))
+    picture = image(7)
+    for inversion in ("ddpm", "ddim"):
+        with torch.device("meta"):
+            res = segment(tiny, picture, EmerDiffArgs(**TINY, inversion=inversion))
+        assert res.labels.shape == (64, 64) and np.isfinite(res.differences).all()
+
+
+def test_decodes_in_batches(tiny, monkeypatch):
+    """41 images at 512² decoded at once need ≈ 23 GiB: the 2K + 1 runs are decoded decode_batch_size at a time."""
+    sizes = []
+    real_decode = emerdiff.decode_latents
+    monkeypatch.setattr(emerdiff, "decode_latents", lambda p, x, **k: sizes.append(len(x)) or real_decode(p, x, **k))
+    args = EmerDiffArgs(**TINY, decode_batch_size=2)
+    res = segment(tiny, image(1), args)
+    assert sizes == [2, 2, 2, 1]
+    whole = segment(tiny, image(1), replace(args, decode_batch_size=64))
+    np.testing.assert_allclose(res.differences, whole.differences, atol=0.05)
+    assert EmerDiffArgs.for_model("sd15").decode_batch_size <= 8 and EmerDiffArgs.for_model("sdxl").decode_batch_size == 1
+
+
+@pytest.mark.parametrize("arch, side", [("sd15", 16), ("sdxl", 32)])
+def test_model_defaults_name_the_lowest_cross_attention_up_block(arch, side):
+    """The paper's layers are in the 16×16 up block of SD at 512²; on SDXL (1024²) the lowest cross-attention up
+    block is up_blocks.0 at 32×32. The real architectures, built on the meta device (no weights)."""
+    from diffusers import UNet2DConditionModel
+
+    from diffnb.models import UNET_CONFIGS
+
+    with torch.device("meta"):
+        pipe = types.SimpleNamespace(unet=UNet2DConditionModel(**UNET_CONFIGS[arch]))
+    args = EmerDiffArgs.for_model(arch)
+    query, modulated = emerdiff._check_layers(pipe, args, warn=True)
+    blocks = [n for n in pipe.unet.attn_processors if n.startswith(query.rsplit(".attentions.", 1)[0] + ".")]
+    cross = [n[: -len(".processor")] for n in blocks if ".attn2." in n]
+    assert resolution(pipe.unet, query) == resolution(pipe.unet, modulated) == side
+    assert (query, modulated) == (cross[0], cross[-1])  # the block's first and last cross-attention
+    if arch == "sdxl":  # the SD1.5 defaults on SDXL: a layer at 64², named in a warning
+        with pytest.warns(UserWarning, match="lowest-resolution cross-attention up block"):
+            emerdiff._check_layers(pipe, EmerDiffArgs(), warn=True)
+
+
+# --- input handling -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sd15():
+    return tiny_pipeline("sd15")
+
+
+def test_images_in_every_documented_form_agree(sd15):
+    """uint8 numpy HWC, uint8 torch CHW and float torch in [0, 1] are the same image (a uint8 tensor used to wrap
+    around in image * 2 - 1); a grayscale image is its RGB stack."""
+    args = EmerDiffArgs(**TINY)
+    rgb = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    ref = segment(sd15, rgb, args)
+    as_uint8 = segment(sd15, torch.from_numpy(rgb).permute(2, 0, 1), args)
+    as_float = segment(sd15, torch.from_numpy(rgb).permute(2, 0, 1).float() / 255, args)
+    for other in (as_uint8, as_float):
+        assert (other.labels == ref.labels).all()
+        np.testing.assert_allclose(other.differences, ref.differences, atol=1e-3)
+    gray = rgb[..., 0]
+    from_gray = segment(sd15, gray, args)
+    assert (from_gray.labels == segment(sd15, np.repeat(gray[..., None], 3, -1), args).labels).all()
+
+
+def test_non_square_images(sd15):
+    res = segment(sd15, (np.random.default_rng(1).random((64, 128, 3)) * 255).astype(np.uint8), EmerDiffArgs(**TINY))
+    assert res.labels.shape == (64, 128) and res.differences.shape == (3, 64, 128)
+    assert res.lowres.shape[1] == 2 * res.lowres.shape[0]
+    assert upsample_labels(res.lowres, (64, 128), 3).shape == (64, 128)
+
+
+@pytest.mark.parametrize("bad, error, phrase", [
+    (np.zeros((62, 64, 3), np.uint8), ValueError, "multiples of 4 px"),
+    (np.zeros((64, 64, 4), np.uint8), ValueError, "alpha"),
+    (np.zeros((64, 64, 3), np.float32), TypeError, "uint8"),
+    (torch.full((3, 64, 64), 200.0), ValueError, "pass it as uint8"),
+    (torch.zeros(2, 3, 64, 64), ValueError, "one image"),
+    (torch.zeros(3, 64, 64, dtype=torch.int64), TypeError, "uint8 or float"),
+    ("image.png", TypeError, "PIL image"),
+])
+def test_bad_images_are_named(sd15, bad, error, phrase):
+    with pytest.raises(error, match=phrase):
+        segment(sd15, bad, EmerDiffArgs(**TINY))
+
+
+def test_bad_args_are_named(sd15):
+    with pytest.raises(ValueError, match=r"only 1024 tokens \(32×32\)"):  # checked before the 2K + 1 runs
+        segment(sd15, image(), EmerDiffArgs(**{**TINY, "n_segments": 5000}))
+    for bad, phrase in ((dict(n_segments=1), "n_segments"), (dict(decode_batch_size=0), "decode_batch_size"),
+                        (dict(smooth_sigma=-1.0), "smooth_sigma")):
+        with pytest.raises(ValueError, match=phrase):
+            EmerDiffArgs(**bad)

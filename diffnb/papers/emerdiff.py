@@ -1,14 +1,22 @@
 """EmerDiff (Namekata et al., ICLR 2024): pixel-level segments from what a diffusion model knows at low resolution.
 
 1. Low-res segments: queries of one cross-attention layer at a small timestep t_f, k-means into K segments.
+   Ours, not the paper's: k-means runs on L2-normalised queries (cosine geometry; the paper does not say it
+   normalises), with scikit-learn's k-means++ and 4 restarts.
 2. Modulated denoising: from t_m, denoise the image twice per segment, once adding +λ·M and once −λ·M to a
    cross-attention layer's output (M = the segment's low-res mask, at step t_m only), decode both, and take the
    per-pixel difference ‖I⁻ − I⁺‖. Pixels that belong to the segment change; the rest barely move.
-3. Each pixel goes to the segment whose modulation moved it most (argmax over difference maps), optionally smoothed.
+3. The difference maps are Gaussian-filtered ("to suppress pixelated artifacts", the paper; its σ is not given, ours
+   is half a latent cell, see `EmerDiffArgs.smooth_sigma`) and each pixel goes to the segment whose modulation
+   moved it most (argmax over the maps).
 A given image is first inverted to t_m: by the paper's edit-friendly DDPM inversion (exact: the unmodulated run
 rebuilds the image, and every run gets the same noise) or by DDIM inversion (`inversion="ddim"`).
 With attention injection every modulated run reuses the unmodulated run's attention maps, so only the offset
-differs. All 2K runs plus the unmodulated one share one batch (item 0 is the unmodulated run).
+differs. All 2K runs plus the unmodulated one share one UNet batch (item 0 is the unmodulated run); they are decoded
+in chunks of `decode_batch_size` (41 images at 512² in fp16 at once need ≈ 23 GiB).
+Images: PIL, uint8 numpy (H, W, 3) or grayscale (H, W), uint8 or float torch (3, H, W) / (1, 3, H, W), floats in
+[0, 1] (or [-1, 1]); any size whose sides are multiples of the UNet's total downsampling (64 px on SD), not only
+square ones.
 
     result = segment(pipe, image, EmerDiffArgs.for_model("toy"))
     result.labels      # (H, W) pixel labels;  result.lowres  # (h, w) k-means labels
@@ -35,37 +43,59 @@ from ..processors import AttentionProcessor, RunState, attention_names, patch_at
 class EmerDiffArgs:
     """Defaults = the paper's (SD1.5 at 512², the 16×16 up block is up_blocks.1 with three transformer layers)."""
     query_layer: str = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"  # the block's first cross-attention
-    modulate_layer: str = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"  # and its third
+    modulate_layer: str = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"  # and its third (last)
     n_segments: int = 20  # K; the paper finds 10 to 40 robust
     t_f: int = 1  # timestep of the k-means features (minimal noise)
     t_m: int = 281  # timestep of the modulation
     strength: float = 10.0  # λ
     num_inference_steps: int = 50
     inject_attention: bool = True  # reuse the unmodulated run's attention maps in every layer
-    smooth_sigma: float = 0.0  # Gaussian filter on the difference maps, in pixels (0 = none)
+    smooth_sigma: float = 4.0  # Gaussian σ on the difference maps, in pixels (0 = none). The paper filters them "to
+    # suppress pixelated artifacts" without giving σ. Ours: half a latent cell (the VAE upsamples ×8, so 4 px), which
+    # blurs the 8-px latent-grid blockiness of a decoded difference and stays far below one low-res cell (32 px)
     inversion: str = "ddpm"  # the paper's edit-friendly DDPM inversion (exact; one noise per step, shared by all
     # runs); "ddim": deterministic DDIM inversion
+    decode_batch_size: int = 8  # images per VAE decode: 8 at 512² in fp16 ≈ 4.5 GiB (all 41 at once ≈ 23 GiB)
     seed: int = 0
 
     def __post_init__(self):
         if self.inversion not in ("ddim", "ddpm"):
             raise ValueError(f"inversion must be 'ddim' or 'ddpm', got {self.inversion!r}")
+        for name, low in (("n_segments", 2), ("decode_batch_size", 1), ("num_inference_steps", 1)):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {getattr(self, name)!r}")
+        if not self.smooth_sigma >= 0:
+            raise ValueError(f"smooth_sigma must be >= 0 (0 = no filter), got {self.smooth_sigma!r}")
 
     @classmethod
     def for_model(cls, name: str, **overrides) -> "EmerDiffArgs":
-        """The paper's settings scaled to a registry model (the toy's lowest cross-attention up block is 8×8).
+        """The paper's settings for a registry model. The layers are always the lowest-resolution cross-attention up
+        block's first (queries) and last (modulation) cross-attention, as the paper's on SD; σ is half a latent cell.
 
-        The toy samples 20 steps, whose grid has no 281 (SD's 50-step grid has): its t_m is the nearest step, 301.
-        It inverts with DDIM, as its notebook and issue specify (the paper's DDPM inversion scores about the same on
-        it, 0.46 vs 0.48 mIoU: `benchmarks/emerdiff_toy.py`).
+        toy: the 8×8 block (two layers); 20 steps, whose grid has no 281: t_m is the nearest step, 301. It inverts
+        with DDIM, as its notebook and issue specify (the paper's DDPM inversion scores about the same on it: see
+        `benchmarks/emerdiff_toy.py`). σ = 2 px (its VAE upsamples ×4).
+        sdxl (ours: the paper has no SDXL): the 32×32 block at 1024² is up_blocks.0, three transformers of depth 10,
+        so queries from attentions.0's first block, modulation on attentions.2's tenth. Its cells are 32 px, as on
+        SD at 512², so σ and λ carry over. K = 10 (the low end of the paper's 10-40) and one image per fp32 VAE
+        decode (`force_upcast` at 1024²) keep it on a 15 GB T4: estimated 11.4 GiB (`estimate_memory`; 14.9 at K=20).
         """
         base = {"toy": dict(query_layer="up_blocks.1.attentions.0.transformer_blocks.0.attn2",
                             modulate_layer="up_blocks.1.attentions.1.transformer_blocks.0.attn2",
-                            n_segments=2, num_inference_steps=20, t_m=301, strength=10.0, inversion="ddim"),
-                "sd15": {}}.get(name)
+                            n_segments=2, num_inference_steps=20, t_m=301, strength=10.0, inversion="ddim",
+                            smooth_sigma=TOY_SIGMA),
+                "sd15": {},
+                "sdxl": dict(query_layer="up_blocks.0.attentions.0.transformer_blocks.0.attn2",
+                             modulate_layer="up_blocks.0.attentions.2.transformer_blocks.9.attn2",
+                             n_segments=10, decode_batch_size=1)}.get(name)
         if base is None:
-            raise ValueError(f"no EmerDiff defaults for {name!r}; known: toy, sd15 (pass EmerDiffArgs(...) yourself)")
+            raise ValueError(f"no EmerDiff defaults for {name!r}; known: toy, sd15, sdxl "
+                             "(pass EmerDiffArgs(...) yourself)")
         return replace(cls(), **{**base, **overrides})
+
+
+TOY_SIGMA = 2.0  # half the toy's ×4 latent cell, the real models' rule. Measured before it became the default
+# (benchmarks/emerdiff_toy.py, renders 200-219): 0.54 mIoU with it vs 0.48 without
 
 
 @dataclass
@@ -102,7 +132,7 @@ class _Modulate(AttentionProcessor):
         return out + (self.coef[:, None, None] * self.masks[:, :, None]).to(out)
 
 
-def _check_layers(pipe, args: EmerDiffArgs) -> tuple[str, str]:
+def _check_layers(pipe, args: EmerDiffArgs, warn: bool = False) -> tuple[str, str]:
     names = attention_names(pipe.unet)
     chosen = []
     for what in ("query_layer", "modulate_layer"):
@@ -112,6 +142,13 @@ def _check_layers(pipe, args: EmerDiffArgs) -> tuple[str, str]:
         chosen.append(found[0])
     if resolution(pipe.unet, chosen[0]) != resolution(pipe.unet, chosen[1]):
         raise ValueError(f"query_layer and modulate_layer must share a resolution: {chosen}")
+    cross_up = [resolution(pipe.unet, n) for n in names
+                if n.startswith("up_blocks.") and pipe.unet.get_submodule(n).is_cross_attention]
+    if warn and cross_up and resolution(pipe.unet, chosen[0]) != min(cross_up):
+        warnings.warn(f"query_layer {chosen[0]} works at {resolution(pipe.unet, chosen[0])}² (nominal); the paper's "
+                      f"layers are in the lowest-resolution cross-attention up block ({min(cross_up)}² here). "
+                      "Use EmerDiffArgs.for_model('sd15' | 'sdxl' | 'toy') for the model's own defaults",
+                      stacklevel=4)
     return chosen[0], chosen[1]
 
 
@@ -120,18 +157,22 @@ def lowres_segments(pipe, latents: torch.Tensor, args: EmerDiffArgs) -> np.ndarr
     """k-means (scikit-learn) of the query layer's queries at t_f: (B, h, w) labels."""
     from sklearn.cluster import KMeans
 
-    query_layer, _ = _check_layers(pipe, args)
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(args.seed)).to(latents)
-    t = torch.full((latents.shape[0],), args.t_f, dtype=torch.long)
-    size = latents.shape[-1] * pipe.vae_scale_factor
-    cond = unet_conditioning(pipe, "", latents.shape[0], 1.0, size, size)
+    query_layer, _ = _check_layers(pipe, args, warn=True)
+    dev = latents.device  # every tensor on the latents' device (diffusers moves only 0-dim timesteps)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(args.seed), device="cpu").to(latents)
+    t = torch.full((latents.shape[0],), args.t_f, dtype=torch.long, device=dev)
+    h, w = latents.shape[-2:]
+    cond = unet_conditioning(pipe, "", latents.shape[0], 1.0, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor)
     with capture(pipe.unet, f"{query_layer}.to_q", offload="cpu") as cache:
         pipe.unet(pipe.scheduler.add_noise(latents, noise, t), t, **cond)
     q = cache.get(f"{query_layer}.to_q").float()  # (B, h*w, C)
-    side = math.isqrt(q.shape[1])
+    down = math.isqrt(h * w // q.shape[1])  # the layer's downsampling of the latent (row-major tokens)
+    if args.n_segments > q.shape[1]:
+        raise ValueError(f"n_segments={args.n_segments} but {query_layer} has only {q.shape[1]} tokens "
+                         f"({h // down}×{w // down}) at this image size: use fewer segments or a larger image")
     labels = [KMeans(args.n_segments, n_init=4, random_state=args.seed).fit_predict(F.normalize(x, dim=-1).numpy())
-              for x in q]
-    return np.stack(labels).reshape(-1, side, side)
+              for x in q]  # ours: cosine geometry (L2-normalised queries); the paper does not say
+    return np.stack(labels).reshape(-1, h // down, w // down)
 
 
 def _start(pipe, args: EmerDiffArgs) -> tuple[list[int], int]:
@@ -150,15 +191,17 @@ def modulated_denoise(pipe, x_tm: torch.Tensor, masks: torch.Tensor, args: EmerD
                       noises: list[torch.Tensor] | None = None) -> np.ndarray:
     """Denoise [unmodulated, +λM_1, −λM_1, +λM_2, ...] from t_m in one batch; masks (K, h*w) -> images as float32
     on 0..255, not rounded: on a small model the changes can be below one grey level, and rounding ties them.
+    Decoded `args.decode_batch_size` images at a time.
     `noises` (from `ddpm_invert`): sample stochastically with these, the same for every run; None: DDIM."""
     _, modulate_layer = _check_layers(pipe, args)
     ts, i_m = _start(pipe, args)
-    k = masks.shape[0]
-    coef = torch.tensor([0.0] + [s * args.strength for _ in range(k) for s in (1, -1)])
-    batch_masks = torch.cat([torch.zeros(1, masks.shape[1]), masks.float().repeat_interleave(2, dim=0)])
+    k, dev = masks.shape[0], x_tm.device
+    coef = torch.tensor([0.0] + [s * args.strength for _ in range(k) for s in (1, -1)], device=dev)
+    masks = masks.to(dev, torch.float32)
+    batch_masks = torch.cat([torch.zeros(1, masks.shape[1], device=dev), masks.repeat_interleave(2, dim=0)])
     x = x_tm.expand(len(coef), -1, -1, -1).clone()
-    size = x.shape[-1] * pipe.vae_scale_factor
-    cond = unet_conditioning(pipe, "", len(coef), 1.0, size, size)
+    h, w = x.shape[-2:]
+    cond = unet_conditioning(pipe, "", len(coef), 1.0, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor)
     state = RunState()
     processors = {"attn": _Modulate(state, args.inject_attention),
                   "re:" + modulate_layer.replace(".", r"\."): _Modulate(state, args.inject_attention, coef, batch_masks)}
@@ -169,13 +212,13 @@ def modulated_denoise(pipe, x_tm: torch.Tensor, masks: torch.Tensor, args: EmerD
                 x = pipe.scheduler.step(eps, t, x).prev_sample
             else:
                 x = pipe.scheduler.step(eps, t, x, eta=1.0, variance_noise=noises[j].expand_as(x)).prev_sample
-    return decode_latents(pipe, x, rounded=False)
+    return np.concatenate([decode_latents(pipe, c, rounded=False) for c in x.split(args.decode_batch_size)])
 
 
 def difference_maps(images: np.ndarray, smooth_sigma: float = 0.0) -> np.ndarray:
     """‖I⁻ − I⁺‖₂ over RGB per segment from the batch layout of `modulated_denoise`: (K, H, W)."""
-    x = torch.as_tensor(images[1:]).float().unflatten(0, (-1, 2))  # (K, 2, H, W, 3)
-    d = (x[:, 1] - x[:, 0]).norm(dim=-1).numpy()
+    x = np.asarray(images[1:], np.float32).reshape(-1, 2, *images.shape[1:])  # (K, 2, H, W, 3), on the host
+    d = np.linalg.norm(x[:, 1] - x[:, 0], axis=-1)
     if smooth_sigma > 0:
         from scipy.ndimage import gaussian_filter
 
@@ -195,9 +238,12 @@ def segment(pipe, image, args: EmerDiffArgs | None = None, batched: bool = True,
     if not isinstance(args, EmerDiffArgs):
         raise TypeError(f"args must be EmerDiffArgs, got {type(args).__name__}")
     start = time.perf_counter()
+    image = _as_image(image)
+    step = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    if image.shape[-2] % step or image.shape[-1] % step:
+        raise ValueError(f"image is {image.shape[-1]}×{image.shape[-2]} px (W×H); this model needs both sides to be "
+                         f"multiples of {step} px (VAE ×{pipe.vae_scale_factor} times the UNet's downsampling)")
     z0 = encode_image(pipe, image)
-    if z0.shape[0] != 1:
-        raise ValueError(f"segment takes one image, got a batch of {z0.shape[0]}")
     ts, i_m = _start(pipe, args)
     if args.inversion == "ddpm":
         inv = ddpm_invert(pipe, z0, args.num_inference_steps, start_at=ts[i_m], seed=args.seed)
@@ -206,7 +252,7 @@ def segment(pipe, image, args: EmerDiffArgs | None = None, batched: bool = True,
         x_tm, noises = ddim_invert(pipe, latents=z0, num_inference_steps=args.num_inference_steps, progress=False,
                                    stop_at=ts[i_m]).latents[-1], None
     lowres = lowres_segments(pipe, z0, args)[0]
-    masks = torch.stack([torch.as_tensor(lowres.flatten() == i) for i in range(args.n_segments)])
+    masks = torch.from_numpy(np.stack([lowres.flatten() == i for i in range(args.n_segments)]))
     if batched:
         images = modulated_denoise(pipe, x_tm, masks, args, progress, noises)
     else:
@@ -217,11 +263,51 @@ def segment(pipe, image, args: EmerDiffArgs | None = None, batched: bool = True,
     return Segmentation(lowres, diffs, diffs.argmax(0), shown, time.perf_counter() - start, ts[i_m])
 
 
+def _as_image(image) -> torch.Tensor:
+    """One image -> (1, 3, H, W) float32 in [0, 1] (what `encode_image` reads unambiguously); grayscale -> RGB."""
+    from PIL import Image
+
+    shape = tuple(getattr(image, "shape", ()))
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise TypeError(f"a numpy image must be uint8 (H, W, 3) or grayscale (H, W), got dtype {image.dtype}; "
+                            "pass floats as a torch tensor (3, H, W) in [0, 1]")
+        if image.ndim not in (2, 3, 4):
+            raise ValueError(f"a numpy image must be (H, W, 3) or grayscale (H, W), got shape {image.shape}")
+        image = torch.from_numpy(np.ascontiguousarray(image))
+        image = image[..., None] if image.ndim == 2 else image
+        image = image.movedim(-1, -3)  # HWC -> CHW
+    if not torch.is_tensor(image):
+        raise TypeError(f"image must be a PIL image, a uint8 numpy array or a torch tensor, got {type(image).__name__}")
+    image = image[None] if image.ndim == 2 else image  # a grayscale (H, W) tensor
+    image = image[None] if image.ndim == 3 else image
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise ValueError(f"segment takes one image, got shape {shape}")
+    if image.shape[1] not in (1, 3):
+        raise ValueError(f"expected an RGB (3 channels) or grayscale (1) image, got shape {shape} "
+                         "(drop an alpha channel first; torch images are channels-first)")
+    image = image.expand(-1, 3, -1, -1).cpu()
+    if image.dtype == torch.uint8:
+        return image.float() / 255
+    if not image.is_floating_point():
+        raise TypeError(f"a torch image must be uint8 or float, got {image.dtype}")
+    image = image.float()
+    lo, hi = float(image.min()), float(image.max())
+    if lo < -1.001 or hi > 1.001:
+        raise ValueError(f"a float image must be in [0, 1] (or [-1, 1]), got values in [{lo:.3g}, {hi:.3g}]; "
+                         "0..255 data: pass it as uint8")
+    return ((image + 1) / 2 if lo < 0 else image).clamp(0, 1)
+
+
 # --- evaluation ----------------------------------------------------------------------------------------------
-def upsample_labels(lowres: np.ndarray, size: int, n_segments: int) -> np.ndarray:
-    """The baseline: low-res labels to full size by bilinear upsampling of their one-hot maps, then argmax."""
+def upsample_labels(lowres: np.ndarray, size: int | tuple[int, int], n_segments: int) -> np.ndarray:
+    """The baseline: low-res labels to full size (side, or (H, W)) by bilinear upsampling of their one-hot maps,
+    then argmax."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
     one_hot = F.one_hot(torch.as_tensor(lowres).long(), n_segments).permute(2, 0, 1)[None].float()
-    return F.interpolate(one_hot, size=(size, size), mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+    return F.interpolate(one_hot, size=size, mode="bilinear", align_corners=False)[0].argmax(0).numpy()
 
 
 def hungarian_miou(labels: np.ndarray, masks: np.ndarray) -> float:
