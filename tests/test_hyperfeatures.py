@@ -452,6 +452,9 @@ def test_bad_inputs_name_what_is_allowed(tiny):
         hf.inversion_features(tiny, img, layers="nonsense.*", num_inference_steps=2, progress=False)
     with pytest.raises(ValueError, match="steps"):
         hf.generation_features(tiny, "a cat", steps=[5], num_inference_steps=2)
+    for k, v in (("size", 0), ("image_size", 32.0), ("batch_size", None)):
+        with pytest.raises(ValueError, match=f"{k} must be a positive int"):
+            hf.inversion_features(tiny, img, num_inference_steps=2, progress=False, **{k: v})
     data = _synthetic(2)
     with pytest.raises(TypeError, match="dict"):
         hf.AggregationNetwork([8, 16], 2)

@@ -150,6 +150,9 @@ def inversion_features(pipe, images, layers=DECODER_RESNETS, steps=None, num_inf
     would, smaller ones kept); `dtype` overrides the UNet's.
     """
     steps = _check_steps(steps, num_inference_steps)
+    for k, v in (("size", size), ("image_size", image_size), ("batch_size", batch_size)):
+        if (v is not None or k == "batch_size") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{k} must be a positive int{'' if k == 'batch_size' else ' or None'}, got {v!r}")
     names, hooks = _resnets(pipe.unet, layers, site)
     x = model_images(images, image_size or pipe.unet.config.sample_size * pipe.vae_scale_factor)
     parts = []
