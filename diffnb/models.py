@@ -106,6 +106,7 @@ def load_pipeline(name: str = "toy", device: str | torch.device | None = None,
 
     if name != "toy" and standin.mode():
         pipe = standin.standin_pipeline(s.family)
+        standin.flag_host_tensors_for_good()
     else:
         cls = StableDiffusionXLPipeline if s.family == "sdxl" else StableDiffusionPipeline
         extra = {"safety_checker": None, "requires_safety_checker": False} if s.family == "sd15" else {}

@@ -105,7 +105,6 @@ def standin_pipeline(arch: str, seed: int = 0):
                                          text_encoder_2=_text_encoder(len(tok), True), tokenizer_2=tok,
                                          unet=unet, scheduler=sched, force_zeros_for_empty_prompt=True)
     install_device_check(pipe.unet)
-    _flag_host_tensors_for_good()
     return pipe
 
 
@@ -181,9 +180,9 @@ def host_tensors_flagged():
 _GLOBAL_MODE: list = []
 
 
-def _flag_host_tensors_for_good():
-    """A stand-in run (a notebook under nbmake) flags host tensors for the rest of the process, so a device bug in
-    a notebook's own code fails on the CPU as it would on CUDA."""
+def flag_host_tensors_for_good():
+    """A stand-in run (a notebook under nbmake: `load_pipeline` under DIFFNB_STANDIN) flags host tensors for the rest
+    of the process, so a device bug in a notebook's own code fails on the CPU as it would on CUDA."""
     if not _GLOBAL_MODE:
         _GLOBAL_MODE.append(_HostTensors())
         _GLOBAL_MODE[0].__enter__()

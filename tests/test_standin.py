@@ -50,10 +50,13 @@ def test_real_structure(pipe):
 
 def test_load_pipeline_returns_standin(monkeypatch):
     monkeypatch.setenv("DIFFNB_STANDIN", "1")
+    switched = []
+    monkeypatch.setattr(standin, "flag_host_tensors_for_good", lambda: switched.append(True))  # not for the session
     pipe = load_pipeline("sdxl", "cpu")
     s = spec("sdxl")
     out = pipe("a photo of a dog", num_inference_steps=2, height=s.resolution, width=s.resolution, output_type="np")
     assert out.images.shape == (1, 256, 256, 3) and np.isfinite(out.images).all()
+    assert switched == [True]  # a notebook on stand-ins is checked for device bugs from here on
 
 
 def test_host_tensor_reaching_the_unet_fails_on_cpu(pipe):
