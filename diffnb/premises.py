@@ -369,7 +369,7 @@ def toy_premises(pipe, scorer: Scorer, world: str = "v1", sizes: ToySizes | str 
         rng = np.random.default_rng(91_000)
         shapes = [list(rng.permutation(SHAPES)[:4]) for _ in range(sizes.style_sets)]
         sets = [[prompt(str(s), str(c)) for s, c in zip(sh, rng.permutation(list(COLORS))[:4])] for sh in shapes]
-        args = StyleAlignedArgs(shared_score_shift=float(np.log(2)))  # notebook 01's toy setting
+        args = StyleAlignedArgs.for_model("toy")  # notebook 01's toy setting: norms shared, shift log 2
         out["style_aligned_shape"] = style_aligned_shape(pipe, scorer, sets, [[str(x) for x in s] for s in shapes],
                                                          [92_000 + i for i in range(sizes.style_sets)], args)
         say(out["style_aligned_shape"].line(), flush=True)
