@@ -44,11 +44,11 @@ def main(argv=None):
         name = "emerdiff_gpu.json" if a.sd15 else "emerdiff_tiny.json"
         return run(pipe, args, device, a.repeats, a.out or OUT / name,
                    "SD1.5 architecture (random weights), 512², K=20, 50 steps, t_m=281, DDPM inversion, "
-                   "attention injection" if a.sd15 else "tiny SD1.5-shaped pipeline (smoke test of the GPU path)")
+                   "attention injection, Gaussian sigma 4 px, decoded 8 at a time" if a.sd15 else "tiny SD1.5-shaped pipeline (smoke test of the GPU path)")
     from diffnb.models import load_pipeline
     pipe = load_pipeline("toy", device="cpu")
     return run(pipe, EmerDiffArgs.for_model("toy"), "cpu", a.repeats, a.out or OUT / "emerdiff_cpu.json",
-               "toy model, 64², the notebook's settings (K=2, 20 DDIM steps, t_m=301)")
+               "toy model, 64², the notebook's settings (K=2, 20 DDIM steps, t_m=301, Gaussian sigma 2 px)")
 
 
 if __name__ == "__main__":
