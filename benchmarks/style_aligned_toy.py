@@ -7,6 +7,7 @@ numbers show how much the notebook's depend on the sets drawn.
     python benchmarks/style_aligned_toy.py --sets 24      # -> benchmarks/results/style_aligned_toy.json
 """
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +22,16 @@ from diffnb.toyworld.probes import Probes
 from diffnb.viz import to_uint8
 
 OUT = Path(__file__).resolve().parent / "results"
-LOG2, NO_NORMS = float(np.log(2)), dict(share_group_norm=False, share_layer_norm=False)
-VARIANTS = {
-    "notebook 01 (norms shared, shift log 2)": dict(shared_score_shift=LOG2),
-    "norms shared, shift 0 (official text-to-image)": dict(),
-    "up blocks only": dict(shared_score_shift=LOG2, layers="up.*attn1"),
-    "norms not shared (official SDXL)": dict(shared_score_shift=LOG2, **NO_NORMS),
-    "norms not shared, shift log 4": dict(shared_score_shift=float(np.log(4)), **NO_NORMS),
-    "norms not shared, shift log 8": dict(shared_score_shift=float(np.log(8)), **NO_NORMS),
+LOG2 = float(np.log(2))
+TOY, SD1, SDXL = (StyleAlignedArgs.for_model(m) for m in ("toy", "sd15", "sdxl"))
+VARIANTS = {  # the official notebooks' text-to-image settings by name (StyleAlignedArgs.for_model), then knobs
+    "notebook 01 (norms shared, shift log 2)": TOY,
+    "norms shared, shift 0 (official SD1.x text-to-image)": SD1,
+    "up blocks only": replace(TOY, layers="up.*attn1"),
+    "norms not shared, shift 0 (official SDXL text-to-image)": SDXL,
+    "norms not shared, shift log 2": replace(SDXL, shared_score_shift=LOG2),
+    "norms not shared, shift log 4": replace(SDXL, shared_score_shift=float(np.log(4))),
+    "norms not shared, shift log 8": replace(SDXL, shared_score_shift=float(np.log(8))),
 }
 
 
@@ -51,13 +54,13 @@ def main(argv=None):
     result = {"setting": f"toy model, {a.sets} sets of 4 prompts, rng {a.rng}, seeds {a.seed}+, 20 steps, CFG 5",
               "vanilla": base, "variants": {}}
     print(f"{'':42s} {'style':>6s} {'shape ratio':>12s} {'leak':>6s}\nvanilla {base}")
-    for name, opts in VARIANTS.items():
-        args = StyleAlignedArgs(**opts)
+    for name, args in VARIANTS.items():
         images = np.stack([to_uint8(generate(pipe, p, args=args, generator=generator(s), **sample))
                            for p, s in zip(sets, seeds)])
         s = toy_scores(images, shape_sets, probes)
         s["shape_ratio"] = s["shape_accuracy"] / base["shape_accuracy"]
         result["variants"][name] = s
+        result.setdefault("args", {})[name] = {k: v for k, v in vars(args).items()}
         print(f"{name:42s} {s['style_agreement']:6.2f} {s['shape_ratio']:12.2f} {s['content_leak']:6.2f}", flush=True)
     save_result(result, a.out)
     return result
