@@ -72,6 +72,20 @@ def test_capped_features_give_the_aggregator_the_same_input(tiny):
         torch.testing.assert_close(net(full), net(capped), atol=1e-5, rtol=1e-5)
 
 
+def test_model_images_is_what_extraction_inverts(tiny):
+    """Notebook 03's timing cell times a bare inversion of `model_images(...)` against extraction: both must invert
+    the same tensor at the model's resolution (the old cell inverted 64 px images against 512 px extraction)."""
+    imgs = _images(2, size=20)
+    x = hf.model_images(imgs, 32)
+    assert x.shape == (2, 3, 32, 32) and x.min() >= -1 and x.max() <= 1 and x.min() < 0
+    kw = dict(steps=[0, 1], num_inference_steps=2, image_size=32, progress=False)
+    a, b = hf.inversion_features(tiny, imgs, **kw), hf.inversion_features(tiny, x, **kw)
+    for name in a.layers:
+        torch.testing.assert_close(a.maps[name], b.maps[name])
+    bare = ddim_invert(tiny, image=x, num_inference_steps=2, progress=False)
+    assert bare.latents[0].shape[-1] == 32 // tiny.vae_scale_factor
+
+
 def test_one_step_model_is_the_clean_call(tiny):
     """Fidelity: the official loop's first call (label 49, t = -1) is on the clean latent and the one-step model is
     that call alone (t ~ 0). Our step 0 is it: a 1-step inversion's only call, at t = 1, not t = 981."""
