@@ -21,8 +21,16 @@ def test_notebook_has_no_outputs(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_follows_skeleton(path):
+    """Colab form field in a parameters cell that holds only parameters (so `papermill -p MODEL sd15` is consistent),
+    with the estimated real-model memory; the next cell derives every setting from the model name."""
     nb = json.loads(path.read_text())
-    tags = [t for c in nb["cells"] for t in c.get("metadata", {}).get("tags", [])]
-    assert "parameters" in tags, f"{path.name} needs a cell tagged 'parameters'"
-    src = "\n".join("".join(c["source"]) for c in nb["cells"])
-    assert 'os.environ.get("DIFFNB_MODEL", "toy")' in src
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    params = [i for i, c in enumerate(code) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+    cell, derived = ("".join(code[i]["source"]) for i in (params[0], params[0] + 1))
+    assert 'MODEL = "toy"  #@param ["toy", "sd15", "sdxl"]' in cell, f"{path.name}: the Colab form field"
+    for derivation in ("if MODEL", "os.environ", "spec(", "REGISTRY"):
+        assert derivation not in cell, f"{path.name}: {derivation!r} belongs in the cell after the parameters"
+    assert "estimated" in cell.lower() and "GB" in cell, f"{path.name}: state the estimated peak GPU / host memory"
+    assert 'MODEL = os.environ.get("DIFFNB_MODEL", MODEL)' in derived and "spec(MODEL)" in derived, path.name
+    assert "REGISTRY[MODEL]" not in "\n".join("".join(c["source"]) for c in code), f"{path.name}: use spec(MODEL)"
