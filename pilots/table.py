@@ -20,8 +20,15 @@ def rows() -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f in sorted(RESULTS.glob("*.json")):
         r = json.loads(f.read_text())
-        prem = r.get("premises", {})
-        cell = lambda k: f"{prem[k]['value']:.2f}" if k in prem else "-"
+        if "premises" not in r:  # e.g. vae_check.json
+            continue
+        prem = r["premises"]
+
+        def cell(k):
+            if k not in prem:
+                return "-"
+            ci = next((v for key, v in prem[k]["details"].items() if key.startswith("ci95")), None)
+            return f"{prem[k]['value']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
         fid = r.get("fidelity")
         probe = r.get("probe_heldout_accuracy")
         shipped = "model" in r  # a `python -m diffnb.premises --json` file of the shipped toy
