@@ -224,13 +224,13 @@ def sd15():
 
 
 def test_images_in_every_documented_form_agree(sd15):
-    """uint8 numpy HWC, uint8 torch CHW and float torch in [0, 1] are the same image (a uint8 tensor used to wrap
+    """uint8 numpy HWC, uint8 torch CHW and float torch in [-1, 1] are the same image (a uint8 tensor used to wrap
     around in image * 2 - 1); a grayscale image is its RGB stack."""
     args = EmerDiffArgs(**TINY)
     rgb = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
     ref = segment(sd15, rgb, args)
     as_uint8 = segment(sd15, torch.from_numpy(rgb).permute(2, 0, 1), args)
-    as_float = segment(sd15, torch.from_numpy(rgb).permute(2, 0, 1).float() / 255, args)
+    as_float = segment(sd15, torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1, args)
     for other in (as_uint8, as_float):
         assert (other.labels == ref.labels).all()
         np.testing.assert_allclose(other.differences, ref.differences, atol=1e-3)

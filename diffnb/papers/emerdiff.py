@@ -14,9 +14,9 @@ rebuilds the image, and every run gets the same noise) or by DDIM inversion (`in
 With attention injection every modulated run reuses the unmodulated run's attention maps, so only the offset
 differs. All 2K runs plus the unmodulated one share one UNet batch (item 0 is the unmodulated run); they are decoded
 in chunks of `decode_batch_size` (41 images at 512² in fp16 at once need ≈ 23 GiB).
-Images: PIL, uint8 numpy (H, W, 3) or grayscale (H, W), uint8 or float torch (3, H, W) / (1, 3, H, W), floats in
-[0, 1] (or [-1, 1]); any size whose sides are multiples of the UNet's total downsampling (64 px on SD), not only
-square ones.
+Images: PIL, uint8 numpy (H, W, 3) or grayscale (H, W), uint8 or float torch (3, H, W) / (1, 3, H, W), float
+tensors in [-1, 1] (the package's convention); any size whose sides are multiples of the UNet's total
+downsampling (64 px on SD), not only square ones.
 
     result = segment(pipe, image, EmerDiffArgs.for_model("toy"))
     result.labels      # (H, W) pixel labels;  result.lowres  # (h, w) k-means labels
@@ -264,7 +264,8 @@ def segment(pipe, image, args: EmerDiffArgs | None = None, batched: bool = True,
 
 
 def _as_image(image) -> torch.Tensor:
-    """One image -> (1, 3, H, W) float32 in [0, 1] (what `encode_image` reads unambiguously); grayscale -> RGB."""
+    """One image -> (1, 3, H, W): uint8, or float in [-1, 1] (the package's tensor convention, as `encode_image`
+    reads them); grayscale -> RGB."""
     from PIL import Image
 
     shape = tuple(getattr(image, "shape", ()))
@@ -273,7 +274,7 @@ def _as_image(image) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise TypeError(f"a numpy image must be uint8 (H, W, 3) or grayscale (H, W), got dtype {image.dtype}; "
-                            "pass floats as a torch tensor (3, H, W) in [0, 1]")
+                            "pass floats as a torch tensor (3, H, W) in [-1, 1]")
         if image.ndim not in (2, 3, 4):
             raise ValueError(f"a numpy image must be (H, W, 3) or grayscale (H, W), got shape {image.shape}")
         image = torch.from_numpy(np.ascontiguousarray(image))
@@ -288,17 +289,16 @@ def _as_image(image) -> torch.Tensor:
     if image.shape[1] not in (1, 3):
         raise ValueError(f"expected an RGB (3 channels) or grayscale (1) image, got shape {shape} "
                          "(drop an alpha channel first; torch images are channels-first)")
-    image = image.expand(-1, 3, -1, -1).cpu()
+    image = image.expand(-1, 3, -1, -1).contiguous()
     if image.dtype == torch.uint8:
-        return image.float() / 255
+        return image
     if not image.is_floating_point():
         raise TypeError(f"a torch image must be uint8 or float, got {image.dtype}")
-    image = image.float()
     lo, hi = float(image.min()), float(image.max())
     if lo < -1.001 or hi > 1.001:
-        raise ValueError(f"a float image must be in [0, 1] (or [-1, 1]), got values in [{lo:.3g}, {hi:.3g}]; "
+        raise ValueError(f"a float image tensor must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; "
                          "0..255 data: pass it as uint8")
-    return ((image + 1) / 2 if lo < 0 else image).clamp(0, 1)
+    return image.clamp(-1, 1)
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------
