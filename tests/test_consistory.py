@@ -293,9 +293,11 @@ def test_toy_ladder_raises_identity_agreement():
                 for s, p in enumerate(sets)]
         scores[name] = toy_scores(np.stack([to_uint8(o.images) for o in outs]), sets, probes)
     gain = lambda k, c: scores[k][c] - scores["vanilla"][c]
-    assert gain("sdsa", "identity_agreement") >= 0.25, scores  # measured +0.50
-    assert gain("sdsa", "color_agreement") >= 0.2, scores  # measured +0.42
-    assert gain("full", "color_agreement") >= 0, scores  # measured +0.08
+    # measured on these seeds (50_000+) and on another fresh range (60_000+): identity +0.50 / +0.08 (4 sets are few:
+    # 24 pairs), SDSA colour +0.42 / +0.38, full colour +0.08 / +0.17
+    assert gain("sdsa", "identity_agreement") > 0, scores
+    assert gain("sdsa", "color_agreement") >= 0.2, scores
+    assert gain("full", "color_agreement") >= 0, scores
     assert scores["full"]["background_accuracy"] >= 0.9 * scores["vanilla"]["background_accuracy"], scores
 
 
