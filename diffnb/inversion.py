@@ -183,7 +183,7 @@ def ddpm_invert(pipe, latents: torch.Tensor, num_inference_steps: int, start_at:
     x0 = latents.to(pipe.device, pipe.unet.dtype)
     abar = pipe.scheduler.alphas_cumprod.to(x0.device, torch.float32)
     g = torch.Generator().manual_seed(seed)
-    xs = [(abar[t].sqrt() * x0.float() + (1 - abar[t]).sqrt() * torch.randn(x0.shape, generator=g).to(x0.device)).to(x0)
+    xs = [(abar[t].sqrt() * x0.float() + (1 - abar[t]).sqrt() * torch.randn(x0.shape, generator=g, device="cpu").to(x0.device)).to(x0)
           for t in ts] + [x0]
     scale = pipe.vae_scale_factor
     cond = unet_conditioning(pipe, prompt, x0.shape[0], guidance_scale, x0.shape[-2] * scale, x0.shape[-1] * scale)
