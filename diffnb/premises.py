@@ -277,46 +277,10 @@ def hyperfeatures_timestep_gain(pipe, train_pairs, test_pairs, steps=(0, 5, 10),
 # --- the toy world's inputs ---------------------------------------------------------------------------------------
 def toy_keypoint_pairs(n: int, split: str, world: str = "v1", seed: int = 0, extra_points: int = 0,
                        classes=("heart", "triangle")):
-    """Keypoint pairs of one world's renders. v1: exactly `hyperfeatures.toy_pairs` (max angle 45°); another world:
-    the same recipe with that world's backgrounds and identity (one object per image)."""
+    """Keypoint pairs of one world's renders (`hyperfeatures.toy_pairs`, max angle 45°, one object per image)."""
     from .papers import hyperfeatures as hf
-    from .toyworld.data import SPLITS, scene_rng
-    from .toyworld.world import BACKGROUNDS, COLORS, inside_shape, random_scene, render, to_pixels
 
-    if world == "v1":
-        return hf.toy_pairs(n, split, seed=seed, classes=classes, extra_points=extra_points)
-    scene_rng(split, 0)
-    pairs = []
-    for i in range(n):
-        rng = np.random.default_rng([SPLITS[split], 7919, seed, i])
-        shape = classes[i % len(classes)]
-        for _ in range(100):
-            cols, bgs = rng.permutation(list(COLORS))[:2], rng.permutation(list(BACKGROUNDS))[:2]
-            r = [render(random_scene(rng, 1, world=world, shape=shape, color=str(c), background=str(b),
-                                     angle=rng.uniform(-np.pi / 4, np.pi / 4))) for c, b in zip(cols, bgs)]
-            names = tuple(k for k, (_, _, v) in r[0].keypoints[0].items() if v and r[1].keypoints[0][k][2])
-            if len(names) >= 2:
-                break
-        else:
-            raise RuntimeError(f"no pair with 2 visible keypoints for {shape}")
-        kps = [np.array([r[j].keypoints[0][k][:2] for k in names]) for j in (0, 1)]
-        if extra_points:
-            uv = np.random.default_rng([SPLITS[split], 7919, seed, i, 1]).uniform(-1, 1, (40 * extra_points, 2))
-            uv = uv[inside_shape(shape, uv[:, 0], uv[:, 1])]
-            xy = [np.stack(to_pixels(r[j].scene.objects[0], uv[:, 0], uv[:, 1]), 1) for j in (0, 1)]
-            ok = np.ones(len(uv), bool)
-            for j in (0, 1):
-                c, side = np.floor(xy[j]).astype(int), r[j].image.shape[0]
-                ok &= ((c >= 0) & (c < side)).all(1) & r[j].masks[0][c[:, 1].clip(0, side - 1), c[:, 0].clip(0, side - 1)]
-            xy = [x[ok][:extra_points] for x in xy]
-            kps = [np.concatenate([k, x]) for k, x in zip(kps, xy)]
-            names = names + tuple(f"p{j}" for j in range(len(xy[0])))
-        boxes = []
-        for j in (0, 1):
-            ys, xs = np.nonzero(r[j].masks[0])
-            boxes.append(np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float))
-        pairs.append(hf.Pair(r[0].image, r[1].image, kps[0], kps[1], boxes[0], boxes[1], shape, names))
-    return pairs
+    return hf.toy_pairs(n, split, seed=seed, classes=classes, extra_points=extra_points, world=world)
 
 
 @dataclass(frozen=True)

@@ -479,12 +479,12 @@ def sweep_layers(data: PairFeatures, alpha: float = 0.1) -> dict[tuple[str, int]
 # --- data -----------------------------------------------------------------------------------------------------
 def toy_pairs(n: int, split: str = "train", seed: int = 0, classes=("heart", "triangle"),
               max_angle: float = math.pi / 4, min_keypoints: int = 2, extra_points: int = 0,
-              size: int | None = None) -> list[Pair]:
+              size: int | None = None, world: str = "v1") -> list[Pair]:
     """Pairs of toy renders of one keypoint class with different pose (rotation within +-max_angle each),
     scale, position, colour and background; the keypoints visible in both, matched by name; boxes from masks.
     `classes` may be any of the renderer's keypoint classes (heart, moon, triangle).
     `extra_points` adds that many random matched object points ("p0", ...; same images): more supervision a pair
-    (ours; the toy world knows both poses). `size` renders the same scenes larger."""
+    (ours; the toy world knows both poses). `size` renders the same scenes larger; `world` picks a world variant."""
     from ..toyworld.data import SPLITS, scene_rng
     from ..toyworld.world import BACKGROUNDS, COLORS, IMAGE_SIZE, KEYPOINTS, inside_shape, random_scene, render, to_pixels
 
@@ -497,8 +497,8 @@ def toy_pairs(n: int, split: str = "train", seed: int = 0, classes=("heart", "tr
         shape = classes[i % len(classes)]
         for _ in range(100):
             colors, bgs = rng.permutation(list(COLORS))[:2], rng.permutation(list(BACKGROUNDS))[:2]
-            r = [render(random_scene(rng, 1, size=size or IMAGE_SIZE, shape=shape, color=str(c), background=str(b),
-                                     angle=rng.uniform(-max_angle, max_angle))) for c, b in zip(colors, bgs)]
+            r = [render(random_scene(rng, 1, size=size or IMAGE_SIZE, world=world, shape=shape, color=str(c),
+                                     background=str(b), angle=rng.uniform(-max_angle, max_angle))) for c, b in zip(colors, bgs)]
             names = tuple(k for k, (_, _, v) in r[0].keypoints[0].items() if v and r[1].keypoints[0][k][2])
             if len(names) >= min_keypoints:
                 break
