@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-CELL_TIMEOUT ?= 300
+CELL_TIMEOUT ?= 900  # per cell; the longest (a stand-in SDXL sweep) takes about 2 minutes on a quiet 2-core CPU
 
 .PHONY: setup test tour clean
 
