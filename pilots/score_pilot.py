@@ -26,11 +26,10 @@ from pilots.run_pilot import BUDGET, PILOTS, RESULTS, RUNS  # noqa: E402
 
 def world_probes(world: str, out: Path, steps: int = 1500, n_images: int = 12_000, batch: int = 64, seed: int = 0):
     """Probes (the shipped architecture and recipe) trained on one-object renders of `world`."""
-    import torch.nn.functional as F
     from safetensors.torch import save_file
 
     from diffnb.toyworld.data import ToyDataset
-    from diffnb.toyworld.probes import HEADS, Probe, Probes, _augment, _batch
+    from diffnb.toyworld.probes import Probes, _augment, _batch, fit_probe
     from diffnb.toyworld.world import BACKGROUNDS, COLORS, SHAPES, world_config
 
     details = world_config(world).details
@@ -46,20 +45,7 @@ def world_probes(world: str, out: Path, steps: int = 1500, n_images: int = 12_00
         torch.manual_seed(seed)
         ds = ToyDataset("train", n_images, n_objects=1, world=world)
         renders = [ds[i] for i in range(n_images)]
-        images, lab = _batch([r.image for r in renders]), labels(renders)
-        net = Probe()
-        opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(steps):
-            idx = torch.randint(0, n_images, (batch,), generator=gen)
-            logits = net(_augment(images[idx], gen))
-            loss = sum(F.cross_entropy(logits[k], lab[k][idx]) for k in HEADS)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        net.eval()
+        net = fit_probe(_batch([r.image for r in renders]), labels(renders), steps, batch, seed, progress=False)
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out)
     probes = Probes(out)
     held = [ToyDataset("heldout", 1000, n_objects=1, world=world)[i] for i in range(1000)]

@@ -114,26 +114,31 @@ def evaluate(probes: Probes, n: int = 1000) -> dict[str, float]:
     return {k: float((pred[k].argmax(-1) == v.numpy()).mean()) for k, v in _labels(renders).items()}
 
 
-def train(steps: int = 1500, batch: int = 64, n_images: int = 12_000, out: Path = PROBE_FILE, seed: int = 0):
-    from safetensors.torch import save_file
-
-    torch.manual_seed(seed)
-    ds = ToyDataset("train", n_images, n_objects=1)
-    renders = [ds[i] for i in tqdm(range(n_images), desc="render")]
-    images, labels = _batch([r.image for r in renders]), _labels(renders)
+def fit_probe(images: torch.Tensor, labels: dict[str, torch.Tensor], steps: int, batch: int, seed: int,
+              progress: bool = True) -> Probe:
+    """A new probe trained on (images, labels) with augmentation, AdamW and a one-cycle schedule; in eval mode."""
     net = Probe()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
-    for step in tqdm(range(steps), desc="probes"):
-        idx = torch.randint(0, n_images, (batch,), generator=gen)
+    for _ in tqdm(range(steps), desc="probes", disable=not progress):
+        idx = torch.randint(0, len(images), (batch,), generator=gen)
         logits = net(_augment(images[idx], gen))
         loss = sum(F.cross_entropy(logits[k], labels[k][idx]) for k in HEADS)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    net.eval()
+    return net.eval()
+
+
+def train(steps: int = 1500, batch: int = 64, n_images: int = 12_000, out: Path = PROBE_FILE, seed: int = 0):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    ds = ToyDataset("train", n_images, n_objects=1)
+    renders = [ds[i] for i in tqdm(range(n_images), desc="render")]
+    net = fit_probe(_batch([r.image for r in renders]), _labels(renders), steps, batch, seed)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out)
