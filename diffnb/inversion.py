@@ -82,13 +82,9 @@ def decode_latents(pipe, latents: torch.Tensor, rounded: bool = True, batch_size
     n = batch_size or vae_batch_size(latents.shape[-2] * scale, latents.shape[-1] * scale)
     with vae_in_safe_precision(pipe) as vae:
         return np.concatenate([
-            from_tensor_image(_decode(vae, latents[i:i + n].to(pipe.device, vae.dtype)), rounded)
+            from_tensor_image(vae.decode(latents[i:i + n].to(pipe.device, vae.dtype) / vae.config.scaling_factor).sample,
+                              rounded)  # clips the decoder's overshoot to [-1, 1]
             for i in range(0, len(latents), n)])
-
-
-def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """The decoder's image, clipped to [-1, 1] as diffusers' image processor does (it overshoots a little)."""
-    return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
 def unet_conditioning(pipe, prompt, batch: int, guidance_scale: float, height: int, width: int) -> dict:

@@ -274,14 +274,16 @@ def estimate_memory(name: str, unet_batch: int = 2, vae_images: int | None = Non
     `encode_image` / `decode_latents` use). Host: the fp16 weights, which `from_pretrained` reads through host
     memory, plus ~2.5 GiB of Python, torch and CUDA context. Rough by design: it sizes defaults, it does not
     replace `torch.cuda.max_memory_allocated` (the GPU check measures that)."""
-    s = REGISTRY[name] if name in REGISTRY else spec(name)
+    spec(name)  # validates the name
+    s = REGISTRY[name]  # the real size, never the stand-in knob's
     if s.family not in UNET_CONFIGS:
         raise ValueError(f"{name!r} is not a pipeline; pipelines: {list(PIPELINES)}")
     arch, res = s.family, s.resolution
     if name == "toy":
         raise ValueError("estimate_memory sizes the real models; the toy runs on a CPU in well under 1 GiB")
     cfg = UNET_CONFIGS[arch]
-    weights = sum(parameter_counts(arch).values()) * 2 / GIB
+    counts = parameter_counts(arch)
+    weights = sum(counts.values()) * 2 / GIB
     side = res // 8
     # activations: about 12 live feature maps per level in fp16, the widest level dominating
     feats = sum(12 * c * (side // 2**i) ** 2 * 2 for i, c in enumerate(cfg["block_out_channels"]))
@@ -294,7 +296,7 @@ def estimate_memory(name: str, unet_batch: int = 2, vae_images: int | None = Non
     from .inversion import vae_batch_size
 
     vae_images = vae_images or vae_batch_size(res, res)
-    vae = vae_images * 6 * 128 * res * res * 4 / GIB + 2 * parameter_counts(arch)["vae"] * 4 / GIB
+    vae = vae_images * 6 * 128 * res * res * 4 / GIB + 2 * counts["vae"] * 4 / GIB
     gpu = weights + max(unet, vae) + extra_gpu_gib
     host = weights + 2.5 + extra_host_gib
     return dict(gpu_gib=round(gpu, 1), host_gib=round(host, 1), weights_gib=round(weights, 1),
