@@ -110,7 +110,8 @@ def queue() -> None:
     while True:
         names = [n.strip() for n in qfile.read_text().splitlines() if n.strip() and not n.startswith("#")]
         trained = lambda n: (RUNS / n / "export" / "model_index.json").exists()
-        todo = [n for n in names if not trained(n) and not (RUNS / n / "failed").exists()
+        scored = lambda n: (RESULTS / f"{n}.json").exists()  # a scored pilot's checkpoints may be gone (new machine)
+        todo = [n for n in names if not trained(n) and not scored(n) and not (RUNS / n / "failed").exists()
                 and not (RUNS / f"{n}.lock").exists()]
         if not todo:  # every pilot trained (or busy elsewhere): score those without a result (once more), then stop
             for n in names:
