@@ -4,6 +4,9 @@
                                                 # architectures vs vanilla diffusers, then every notebook's
                                                 # real-model branch on stand-ins at full size (DIFFNB_STANDIN=full)
     python -m diffnb.gpu_check --tiny           # the same code paths on the CPU, small (what the tests run)
+    python -m diffnb.gpu_check --count          # no GPU: every notebook's real counts and steps on the CPU
+                                                # (DIFFNB_STANDIN=count), its UNet / VAE work tallied and priced
+                                                # as ESTIMATED T4 time (`diffnb.workload`)
 
 Per notebook and model it records the wall time, whether every cell ran, and `torch.cuda.max_memory_allocated`
 read inside the notebook's own kernel. Run it from a clone of the repository (it needs `benchmarks/` and
@@ -28,6 +31,7 @@ MODELS = ("sd15", "sdxl")
 PEAK_CELL = ("import json, torch\n"
              "print('DIFFNB_PEAK', json.dumps(torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() "
              "else None))")
+TALLY_CELL = "from diffnb.workload import tally_json\nprint('DIFFNB_TALLY', tally_json())"
 
 
 def _folder(name: str) -> Path:
@@ -56,14 +60,23 @@ def run_benchmark(name: str, tiny: bool, out: Path) -> dict:
         return {"ok": False, "seconds": time.perf_counter() - start, "error": traceback.format_exc(limit=3)}
 
 
-def run_notebook(path: Path, model: str, tiny: bool, timeout: int = 900) -> dict:
-    """Execute a notebook's real-model branch on stand-ins in a fresh kernel; read its peak GPU memory there."""
+def _printed(cell, tag: str):
+    for output in cell.get("outputs", []):
+        for line in output.get("text", "").splitlines():
+            if line.startswith(tag):
+                return json.loads(line.split(maxsplit=1)[1])
+    return None
+
+
+def run_notebook(path: Path, model: str, tiny: bool, timeout: int = 900, count: bool = False) -> dict:
+    """Execute a notebook's real-model branch on stand-ins in a fresh kernel; read its peak GPU memory there (and,
+    with `count`, its work tally under DIFFNB_STANDIN=count)."""
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    nb.cells.append(nbformat.v4.new_code_cell(PEAK_CELL))
-    env = {"DIFFNB_MODEL": model, "DIFFNB_STANDIN": "1" if tiny else "full"}
+    nb.cells.append(nbformat.v4.new_code_cell(TALLY_CELL if count else PEAK_CELL))
+    env = {"DIFFNB_MODEL": model, "DIFFNB_STANDIN": "count" if count else "1" if tiny else "full"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     start = time.perf_counter()
@@ -75,12 +88,17 @@ def run_notebook(path: Path, model: str, tiny: bool, timeout: int = 900) -> dict
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    peak = None
-    for output in nb.cells[-1].get("outputs", []):
-        for line in output.get("text", "").splitlines():
-            if line.startswith("DIFFNB_PEAK"):
-                peak = json.loads(line.split(maxsplit=1)[1])
-    return {"ok": ok, "seconds": time.perf_counter() - start, "peak_gpu_gib": peak, "error": error}
+    result = {"ok": ok, "seconds": time.perf_counter() - start, "error": error}
+    if not count:
+        return {**result, "peak_gpu_gib": _printed(nb.cells[-1], "DIFFNB_PEAK")}
+    from .workload import real_flops, t4_seconds
+
+    tally = _printed(nb.cells[-1], "DIFFNB_TALLY") if ok else None
+    if tally is None:
+        return {**result, "tally": None}
+    flops = real_flops(model, tally)
+    return {**result, "tally": tally, "real_tflops": {k: v / 1e12 for k, v in flops.items()},
+            "t4_minutes_estimated": t4_seconds(model, tally) / 60}
 
 
 def device_name() -> str:
@@ -92,13 +110,17 @@ def device_name() -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="the same code paths on the CPU, small (for the tests)")
+    p.add_argument("--count", action="store_true", help="no GPU: tally each notebook's real-default work on the "
+                   "CPU and estimate its T4 time (no benchmarks)")
     p.add_argument("--benchmarks", default=",".join(BENCHMARKS), help="comma-separated; '' for none")
     p.add_argument("--notebooks", default="all", help="comma-separated prefixes (00,01,...), 'all' or '' for none")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--notebook-dir", type=Path, default=None, help="default: the repository's notebooks/")
     p.add_argument("--out", type=Path, default=ROOT / "build" / "gpu_check")
     a = p.parse_args(argv)
-    if not a.tiny and not torch.cuda.is_available():
+    if a.count:
+        a.benchmarks = ""
+    elif not a.tiny and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: run with --tiny for the CPU smoke run, or on a GPU machine")
     for name in filter(None, a.benchmarks.split(",")):
         if name not in BENCHMARKS:
@@ -107,7 +129,8 @@ def main(argv=None) -> dict:
     if not set(models) <= set(MODELS):
         raise SystemExit(f"--models takes {MODELS}, got {models}")
     a.out.mkdir(parents=True, exist_ok=True)
-    report = {"device": device_name(), "torch": torch.__version__, "tiny": a.tiny, "benchmarks": {}, "notebooks": {}}
+    report = {"device": device_name(), "torch": torch.__version__, "tiny": a.tiny, "count": a.count,
+              "benchmarks": {}, "notebooks": {}}
     try:
         import diffusers
         report["diffusers"] = diffusers.__version__
@@ -123,11 +146,15 @@ def main(argv=None) -> dict:
         notebooks = [n for n in notebooks if n.name[:2] in wanted]
     for path in notebooks:
         for model in models:
-            r = run_notebook(path, model, a.tiny)
+            r = run_notebook(path, model, a.tiny, count=a.count)
             report["notebooks"][f"{path.stem}:{model}"] = r
-            peak = "n/a" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.1f} GiB"
-            print(f"{path.stem} on {model}: {'ok' if r['ok'] else 'FAILED'}, {r['seconds']:.0f} s, peak GPU {peak}", flush=True)
-    path = a.out / "gpu_check.json"
+            if a.count:
+                t4 = "n/a" if r.get("tally") is None else f"{r['t4_minutes_estimated']:.1f} min"
+                what = f"T4 time ESTIMATED {t4}"
+            else:
+                what = "peak GPU " + ("n/a" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.1f} GiB")
+            print(f"{path.stem} on {model}: {'ok' if r['ok'] else 'FAILED'}, {r['seconds']:.0f} s, {what}", flush=True)
+    path = a.out / ("workload.json" if a.count else "gpu_check.json")
     path.write_text(json.dumps(report, indent=1, default=str))
     print("wrote", path)
     failed = [k for group in ("benchmarks", "notebooks") for k, v in report[group].items() if not v["ok"]]

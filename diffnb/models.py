@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import standin
-from .standin import sized  # noqa: F401  (the notebooks' one knob for counts, next to `spec`)
+from .standin import side, sized  # noqa: F401  (the notebooks' knob for counts and image sides, next to `spec`)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOY_DIR = ASSETS / "toy"
@@ -107,6 +107,10 @@ def load_pipeline(name: str = "toy", device: str | torch.device | None = None,
     if name != "toy" and standin.mode():
         pipe = standin.standin_pipeline(s.family)
         standin.flag_host_tensors_for_good()
+        if standin.mode() == "count":
+            from .workload import install_tally
+
+            install_tally(pipe)
     else:
         cls = StableDiffusionXLPipeline if s.family == "sdxl" else StableDiffusionPipeline
         extra = {"safety_checker": None, "requires_safety_checker": False} if s.family == "sd15" else {}

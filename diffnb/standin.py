@@ -1,8 +1,10 @@
 """Random-weight stand-ins for the hub models, so the real-model branch of every notebook runs offline and in CI.
 
 `DIFFNB_STANDIN=1` (CI) makes `load_pipeline("sd15" | "sdxl")` return a stand-in and shrinks the registry's image
-size (÷ 4) and step count (≤ 10); `DIFFNB_STANDIN=full` keeps the real size and steps (the GPU check). That is the
-one knob: the notebook's code is the code a real user runs, only sizes and step counts change (`sized`).
+size (÷ 4) and step count (≤ 10); `DIFFNB_STANDIN=full` keeps the real size and steps (the GPU check);
+`DIFFNB_STANDIN=count` keeps every real count and step and shrinks only the image side (÷ 4), while
+`diffnb.workload` tallies the UNet and VAE work (the T4 time estimates). That is the one knob: the notebook's code
+is the code a real user runs, only sizes and step counts change (`spec`, `sized` for counts, `side` for pixels).
 
 A stand-in keeps what the code paths depend on and shrinks only widths: the real component classes, block types,
 `layers_per_block=2` (three attentions per up block), SDXL's transformer depths 1/2/10, two text encoders and added
@@ -26,16 +28,16 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-MODES = ("", "0", "1", "full")
+MODES = ("", "0", "1", "full", "count")
 SMALL_DIVISOR, SMALL_MAX_STEPS = 4, 10
 
 
 def mode() -> str | None:
-    """None (real weights), "small" (`DIFFNB_STANDIN=1`, CI) or "full" (`DIFFNB_STANDIN=full`)."""
+    """None (real weights), "small" (`DIFFNB_STANDIN=1`, CI), "full" (`=full`) or "count" (`=count`)."""
     value = os.environ.get("DIFFNB_STANDIN", "").strip().lower()
     if value not in MODES:
-        raise ValueError(f"DIFFNB_STANDIN={value!r} is not understood; allowed: unset, 0, 1 (small, CI) or full")
-    return {"": None, "0": None, "1": "small", "full": "full"}[value]
+        raise ValueError(f"DIFFNB_STANDIN={value!r} is not understood; allowed: unset, 0, 1 (small, CI), full or count")
+    return {"": None, "0": None, "1": "small", "full": "full", "count": "count"}[value]
 
 
 def sized(full, small):
@@ -43,11 +45,18 @@ def sized(full, small):
     return small if mode() == "small" else full
 
 
+def side(pixels: int) -> int:
+    """An image side in pixels as a stand-in run uses it: ÷ 4 under `DIFFNB_STANDIN=1` and `=count`."""
+    return pixels // SMALL_DIVISOR if mode() in ("small", "count") else pixels
+
+
 def shrink(spec):
-    """The registry entry as a stand-in run uses it: ÷ 4 image size and ≤ 10 steps under `DIFFNB_STANDIN=1`."""
-    if mode() != "small":
+    """The registry entry as a stand-in run uses it: ÷ 4 image size and ≤ 10 steps under `DIFFNB_STANDIN=1`;
+    ÷ 4 image size and the real steps under `=count`."""
+    if mode() not in ("small", "count"):
         return spec
-    return replace(spec, resolution=spec.resolution // SMALL_DIVISOR, steps=min(spec.steps, SMALL_MAX_STEPS))
+    steps = min(spec.steps, SMALL_MAX_STEPS) if mode() == "small" else spec.steps
+    return replace(spec, resolution=side(spec.resolution), steps=steps)
 
 
 # Words that stay one token, as common words do in CLIP's vocabulary; every other word splits into characters.

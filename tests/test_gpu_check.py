@@ -36,3 +36,25 @@ def test_gpu_check_refuses_a_cpu_run_without_tiny(monkeypatch):
     monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA device"):
         gpu_check.main([])
+
+
+def test_gpu_check_count_tallies_the_real_work_and_prices_it(tmp_path):
+    """--count runs the real counts and steps (image side ÷ 4) and tallies every UNet item and VAE image: one SD1.5
+    call of 3 steps on 2 prompts under guidance is 3 x 2 x 2 = 12 UNet items at the stand-in's latent side (512 / 4
+    / 8 = 16) and 2 decodes, priced at the real side (64)."""
+    nbs = tmp_path / "nbs"
+    _notebook(nbs, "00_count.ipynb", "import os\nfrom diffnb.models import load_pipeline, spec\n"
+              "pipe = load_pipeline(os.environ['DIFFNB_MODEL'])\ns = spec(os.environ['DIFFNB_MODEL'])\n"
+              "assert s.steps == 50 and s.resolution == 128, s\n"
+              "pipe(['a photo', 'a dog'], num_inference_steps=3, height=s.resolution, width=s.resolution)")
+    r = gpu_check.main(["--count", "--notebook-dir", str(nbs), "--models", "sd15", "--out", str(tmp_path)])
+    nb = json.loads((tmp_path / "workload.json").read_text())["notebooks"]["00_count:sd15"]
+    assert nb["ok"], nb["error"]
+    assert sorted(map(tuple, nb["tally"])) == [("unet", 16, 16, 12), ("vae_decode", 16, 16, 2)]
+    from diffnb.workload import T4_ANCHOR, flops_per_item
+
+    unet = flops_per_item("sd15", "unet", 64, 64)
+    assert abs(nb["real_tflops"]["unet"] - 12 * unet / 1e12) < 1e-6
+    # the anchor's own work priced at its own rate is the anchor's time: 12 items are 12 / 400 of its UNet share
+    assert 0 < nb["t4_minutes_estimated"] * 60 < T4_ANCHOR["seconds"] * 12 / 400 + 2 * 0.9
+    assert r["failed"] == []
