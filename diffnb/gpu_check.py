@@ -98,7 +98,7 @@ def run_notebook(path: Path, model: str, tiny: bool, timeout: int = 900, count: 
         return {**result, "tally": None}
     flops = real_flops(model, tally)
     return {**result, "tally": tally, "real_tflops": {k: v / 1e12 for k, v in flops.items()},
-            "t4_minutes_estimated": t4_seconds(model, tally) / 60}
+            "t4_minutes_estimated": {k: v / 60 for k, v in t4_seconds(model, tally).items()}}
 
 
 def device_name() -> str:
@@ -149,7 +149,8 @@ def main(argv=None) -> dict:
             r = run_notebook(path, model, a.tiny, count=a.count)
             report["notebooks"][f"{path.stem}:{model}"] = r
             if a.count:
-                t4 = "n/a" if r.get("tally") is None else f"{r['t4_minutes_estimated']:.1f} min"
+                m = r.get("t4_minutes_estimated")
+                t4 = "n/a" if m is None else f"{m['seconds']:.1f} min ({m['low']:.1f}-{m['high']:.1f})"
                 what = f"T4 time ESTIMATED {t4}"
             else:
                 what = "peak GPU " + ("n/a" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.1f} GiB")

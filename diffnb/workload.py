@@ -4,10 +4,10 @@ No GPU is needed to count: `DIFFNB_STANDIN=count` runs a notebook's real-model b
 step (only the image side ÷ 4, `standin.side`) on the random-weight stand-ins, while forward pre-hooks on the UNet
 and the VAE's encoder / decoder tally each item by its size (`install_tally`). `t4_seconds` prices the tally at the
 real resolution: FLOPs per item from torch's `FlopCounterMode` on the real configs (built on the meta device, no
-weights), divided by an effective T4 rate anchored on diffusers' published benchmark (below). What it leaves out:
-text encoders, the IP-Adapter / CLIP / DINOv2 image encoders, Python overhead, and training that is not a UNet or
-VAE call (`extra_flops` takes it where a notebook knows it). A GPU run of `python -m diffnb.gpu_check` measures
-what this estimates.
+weights), divided by an effective T4 rate anchored on diffusers' published benchmark (below). The Hyperfeatures
+aggregator (fp32, trained in notebook 03) is tallied too and priced on the real channels at the T4's fp32 rate, with
+a range, because no published fp32 anchor fits it. Left out: text encoders, the IP-Adapter / CLIP / DINOv2 image
+encoders, and Python overhead. A GPU run of `python -m diffnb.gpu_check` measures what this estimates.
 """
 from __future__ import annotations
 
@@ -17,14 +17,16 @@ from collections import Counter
 
 import torch
 
-# The anchor: diffusers' "Torch 2.0" benchmark (docs/source/en/optimization/torch2.0, v0.13-v0.16): SD1.x
-# text-to-image, 512 px, fp16, 50 steps with classifier-free guidance, batch 4, PyTorch SDPA: 29.74 s on a T4.
-# That is 4 x 2 x 50 = 400 UNet items at 64 x 64 latents and 4 decodes at 512 px.
-T4_ANCHOR = dict(seconds=29.74, unet_items=400, latent_side=64, decodes=4)
+# The anchor: diffusers' "Torch 2.0" benchmark (docs/source/en/optimization/torch2.0.md, table "T4 (batch size: 4)"):
+# SD text-to-image at 512 px in fp16 with classifier-free guidance, torch 2.0, no compile: 1.79 iterations a second,
+# an iteration being one UNet call on 4 x 2 = 8 items at 64 x 64 latents (their batch-1 row, 6.9 it/s on 2 items,
+# agrees within 4 %).
+T4_ANCHOR = dict(iterations_per_second=1.79, unet_items_per_iteration=8, latent_side=64)
+T4_PEAK = dict(fp16_tensor=65e12, fp32=8.1e12)  # NVIDIA's T4 datasheet, FLOP/s
 DIVISOR = 4  # the count mode's image side divisor (standin.SMALL_DIVISOR)
 COMPONENTS = ("unet", "vae_encode", "vae_decode")
 
-TALLY: Counter = Counter()  # (component, height, width) at the stand-in size -> items
+TALLY: Counter = Counter()  # (component, height, width) at the stand-in size -> items; aggregator rows carry more
 
 
 def _first_tensor(args, kwargs, name):
@@ -43,11 +45,27 @@ def install_tally(pipe) -> None:
     pipe.unet.register_forward_pre_hook(counter("unet", "sample"), with_kwargs=True)
     pipe.vae.encoder.register_forward_pre_hook(counter("vae_encode", "sample"), with_kwargs=True)
     pipe.vae.decoder.register_forward_pre_hook(counter("vae_decode", "z"), with_kwargs=True)
+    global _AGGREGATOR_HOOK
+    if _AGGREGATOR_HOOK is None:  # aggregators are built later, by the notebook: a global hook sees them
+        _AGGREGATOR_HOOK = torch.nn.modules.module.register_module_forward_hook(_count_aggregator)
+
+
+_AGGREGATOR_HOOK = None
+
+
+def _count_aggregator(module, args, output):
+    from .papers.hyperfeatures import AggregationNetwork
+
+    if isinstance(module, AggregationNetwork):
+        kind = "aggregator_train" if torch.is_grad_enabled() else "aggregator"
+        shape = (module.num_timesteps, output.shape[1], module.low_memory, tuple(module.layers))
+        TALLY[(kind, module.output_size, module.output_size) + shape] += output.shape[0]
 
 
 def tally_json() -> str:
-    """The tally as one JSON line (what the count run's last cell prints)."""
-    return json.dumps([[c, h, w, n] for (c, h, w), n in sorted(TALLY.items())])
+    """The tally as one JSON line (what the count run's last cell prints): rows [component, h, w, items] and, for
+    aggregators, [kind, size, size, items, timesteps, projection_dim, low_memory, layers]."""
+    return json.dumps([[*key[:3], n, *key[3:]] for key, n in sorted(TALLY.items(), key=str)])
 
 
 @functools.cache
@@ -78,23 +96,63 @@ def flops_per_item(arch: str, component: str, height: int, width: int) -> float:
     return float(count.get_total_flops())
 
 
-def t4_flops_per_second() -> float:
-    """The effective T4 rate of the anchor run (diffusers' own pipeline, so kernels and overheads of the real thing)."""
+@functools.cache
+def aggregator_flops(arch: str, layers: tuple, timesteps: int, projection_dim: int, output_size: int,
+                     train: bool, low_memory: bool) -> float:
+    """FLOPs of one image through a Hyperfeatures aggregator built on the REAL model's channels for `layers`
+    (forward; with `train`, forward + backward, + the recomputed forward of `low_memory` checkpointing)."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models import UNET_CONFIGS
+    from .papers.hyperfeatures import AggregationNetwork
+
+    with torch.device("meta"):
+        unet = dict(UNet2DConditionModel(**UNET_CONFIGS[arch]).named_modules())
+        channels = {name: unet[name].out_channels for name in layers}
+        net = AggregationNetwork(channels, timesteps, projection_dim, output_size)
+        feats = {name: torch.empty(1, timesteps, c, 8, 8) for name, c in channels.items()}
+        with FlopCounterMode(display=False) as count:
+            out = net(feats)
+            if train:
+                out.sum().backward()
+        forward = net(feats) if train and low_memory else None
+    total = float(count.get_total_flops())
+    if forward is not None:  # the checkpointed bottlenecks run their forward once more in the backward pass
+        with torch.device("meta"), FlopCounterMode(display=False) as again:
+            net(feats)
+        total += float(again.get_total_flops())
+    return total
+
+
+def anchor_flops_per_second() -> float:
+    """The effective fp16 T4 rate of the anchor run (diffusers' own pipeline: kernels and overheads of the real thing)."""
     a = T4_ANCHOR
     side = a["latent_side"]
-    work = a["unet_items"] * flops_per_item("sd15", "unet", side, side) + \
-        a["decodes"] * flops_per_item("sd15", "vae_decode", side, side)
-    return work / a["seconds"]
+    return a["iterations_per_second"] * a["unet_items_per_iteration"] * flops_per_item("sd15", "unet", side, side)
 
 
 def real_flops(arch: str, tally, divisor: int = DIVISOR) -> dict[str, float]:
-    """FLOPs of a count-mode tally (rows `[component, h, w, items]` at the stand-in size) at the real size."""
-    out = dict.fromkeys(COMPONENTS, 0.0)
-    for component, h, w, n in tally:
-        out[component] += n * flops_per_item(arch, component, h * divisor, w * divisor)
+    """FLOPs of a count-mode tally (see `tally_json`; sizes at the stand-in's) at the real size: fp16 UNet / VAE
+    work per component, and the fp32 aggregator work."""
+    out = dict.fromkeys(COMPONENTS + ("aggregator_fp32",), 0.0)
+    for component, h, w, n, *extra in tally:
+        if component in COMPONENTS:
+            out[component] += n * flops_per_item(arch, component, h * divisor, w * divisor)
+        else:
+            timesteps, projection, low_memory, layers = extra
+            out["aggregator_fp32"] += n * aggregator_flops(arch, tuple(layers), timesteps, projection, h * divisor,
+                                                           component == "aggregator_train", low_memory)
     return out
 
 
-def t4_seconds(arch: str, tally, extra_flops: float = 0.0) -> float:
-    """ESTIMATED T4 seconds of a tally's work (see the module docstring for what it leaves out)."""
-    return (sum(real_flops(arch, tally).values()) + extra_flops) / t4_flops_per_second()
+def t4_seconds(arch: str, tally) -> dict[str, float]:
+    """ESTIMATED T4 seconds of a tally's work: `seconds` (fp16 work at the anchor's rate, fp32 work at half the fp32
+    peak) and the range `low`..`high` of the fp32 part's bounds (the full fp32 peak; the anchor's fraction of its
+    own peak). See the module docstring for what it leaves out."""
+    flops = real_flops(arch, tally)
+    fp32 = flops.pop("aggregator_fp32")
+    fp16_s = sum(flops.values()) / anchor_flops_per_second()
+    efficiency = anchor_flops_per_second() / T4_PEAK["fp16_tensor"]
+    return {"seconds": fp16_s + fp32 / (T4_PEAK["fp32"] / 2), "low": fp16_s + fp32 / T4_PEAK["fp32"],
+            "high": fp16_s + fp32 / (T4_PEAK["fp32"] * efficiency)}

@@ -18,10 +18,28 @@ def test_unet_flops_match_a_hand_count_of_its_attention_and_scale_with_the_laten
 
 
 def test_the_anchor_prices_itself_and_bad_names_are_named():
+    """One second of the anchor's work (1.79 iterations of 8 items at 64 x 64, tallied at the count mode's 16 x 16)
+    costs one second; fp32 aggregator work is bounded by the fp32 peak."""
     a = workload.T4_ANCHOR
-    tally = [["unet", 16, 16, a["unet_items"]], ["vae_decode", 16, 16, a["decodes"]]]
-    assert workload.t4_seconds("sd15", tally) == pytest.approx(a["seconds"])
+    items = a["iterations_per_second"] * a["unet_items_per_iteration"]
+    assert workload.t4_seconds("sd15", [["unet", 16, 16, items]])["seconds"] == pytest.approx(1.0)
+    layers = ["up_blocks.1.resnets.0", "up_blocks.3.resnets.2"]
+    est = workload.t4_seconds("sd15", [["aggregator_train", 16, 16, 2, 11, 384, True, layers]])
+    assert est["low"] < est["seconds"] < est["high"]
     with pytest.raises(ValueError, match="unknown architecture"):
         workload.flops_per_item("sd3", "unet", 8, 8)
     with pytest.raises(ValueError, match="unknown component"):
         workload.flops_per_item("sd15", "text", 8, 8)
+
+
+def test_aggregator_flops_match_a_hand_count_of_its_convolutions():
+    """One image through the aggregator's bottleneck for a 320-channel layer at 11 timesteps, 384-d, 64 x 64: the
+    three convolutions and the projected shortcut (2 x in x out x k^2 per output pixel) make up nearly all of it;
+    training with the checkpoint's second forward costs 3 to 4.5 forwards (the features need no gradient, so
+    the first convolutions' backward is cheaper)."""
+    mid, out, cin, px = 96, 384, 320, 64 * 64
+    convs = 2 * px * (cin * mid + mid * mid * 9 + mid * out + cin * out) * 11
+    fwd = workload.aggregator_flops("sd15", ("up_blocks.3.resnets.2",), 11, 384, 64, False, False)
+    assert convs <= fwd < 1.1 * convs
+    train = workload.aggregator_flops("sd15", ("up_blocks.3.resnets.2",), 11, 384, 64, True, True)
+    assert 3 * fwd < train < 4.5 * fwd
