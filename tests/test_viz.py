@@ -115,3 +115,16 @@ def test_claim_records_met_and_the_tour_prints_it(tmp_path, monkeypatch, capsys)
     assert "met" in out[0] and "✓" in out[1] and "✗" in out[2] and "✓" not in out[3] and "✗" not in out[3]
     assert "1 of 2 claims with a bar met" in out[-1]
     assert "met" in table([{k: v for k, v in rows[2].items() if k != "met"}])  # rows recorded before `met` existed
+
+
+def test_the_tour_writes_results_markdown_with_its_stamp():
+    from diffnb.tour import markdown
+
+    rows = [dict(notebook="01_x", claim="agreement", value=0.9, baseline=0.5, target="> 0.8", met=True),
+            dict(notebook="02_y", claim="gain", value=0.1, baseline=None, target=">= +0.3", met=False)]
+    text = markdown(rows, "2026-12-06, commit abc1234, model toy, CPU (x86_64), torch 2.13.0")
+    lines = text.splitlines()
+    assert lines[0] == "# Measured claims" and "commit abc1234" in lines[2]
+    assert "| 01_x | agreement | 0.9 | 0.5 | ✓ | > 0.8 |" in lines
+    assert "| 02_y | gain | 0.1 |  | ✗ | >= +0.3 |" in lines
+    assert lines[-1] == "1 of 2 claims with a bar met."
