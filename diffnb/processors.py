@@ -6,6 +6,8 @@
 
 `AttentionProcessor` reproduces diffusers' `AttnProcessor2_0` (scaled-dot-product attention) and calls
 overridable steps: `edit_qkv`, `edit_probs` (only computed when a subclass sets `needs_probs`), `edit_output`.
+The attention math several methods share lives here too, written once: `cfg_halves` (the guidance batch layout),
+`attention_probs` (the explicit softmax) and `extended_attention` (own plus borrowed keys/values).
 """
 from __future__ import annotations
 
@@ -76,6 +78,58 @@ def attention_layers(unet) -> list[dict]:
     return rows
 
 
+# --- attention math the paper modules share ------------------------------------------------------------------
+def cfg_halves(x: torch.Tensor, halves: int) -> torch.Tensor:
+    """(B, ...) -> a view (halves, B // halves, ...). A classifier-free-guidance batch is [uncond..., cond...], so
+    item j of every half is the same image: methods that pair images inside a half index the second axis."""
+    if isinstance(halves, bool) or not isinstance(halves, int) or halves < 1:
+        raise ValueError(f"halves must be an int >= 1, got {halves!r}")
+    if x.shape[0] % halves:
+        raise ValueError(f"batch {x.shape[0]} does not split into {halves} classifier-free-guidance halves")
+    return x.view(halves, x.shape[0] // halves, *x.shape[1:])
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ/√d + mask) written out, (B, heads, N, M): for methods that read or edit the attention matrix,
+    which SDPA never materialises. `mask`: boolean (True = may attend) or additive, as SDPA takes it."""
+    scores = q @ k.transpose(-1, -2) * (1 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        scores = scores + mask if mask.dtype != torch.bool else scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def extended_attention(q, k, v, extra_k, extra_v, extra_bias=None, mask=None) -> torch.Tensor:
+    """softmax(q [k ; extra_k]ᵀ/√d + [0 ; extra_bias] + mask) [v ; extra_v], one SDPA call.
+
+    The core of attention sharing (StyleAligned, ConsiStory): each query sees its own image's tokens and tokens
+    borrowed from others. q, k, v: (B, heads, N, d); extra_k, extra_v: (B, heads, M, d), laid out per batch item by
+    the caller (who borrows what is the method's choice). `extra_bias`: a number, or a tensor whose last axis is M
+    (or 1), added to the borrowed tokens' logits (a log-weight on them); None or 0 adds nothing, so SDPA keeps its
+    mask-free kernel. `mask`: over all N + M keys, boolean (True = may attend) or additive.
+    """
+    if extra_k.shape[:2] != k.shape[:2] or extra_k.shape[-1] != k.shape[-1] or extra_v.shape[:-1] != extra_k.shape[:-1]:
+        raise ValueError(f"extra keys / values must be (B, heads, M, d) laid out like the own keys {tuple(k.shape)}, "
+                         f"got {tuple(extra_k.shape)} and {tuple(extra_v.shape)}")
+    n_own, n_extra = k.shape[-2], extra_k.shape[-2]
+    if torch.is_tensor(extra_bias):
+        bias = extra_bias.to(q.device, q.dtype)
+        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)  # SDPA wants (B | 1, heads | 1, N | 1, keys)
+        if bias.shape[-1] not in (1, n_extra):
+            raise ValueError(f"extra_bias's last axis must be 1 or the {n_extra} extra keys, got {tuple(bias.shape)}")
+        bias = F.pad(bias.expand(*bias.shape[:-1], n_extra), (n_own, 0))
+    elif extra_bias:
+        bias = torch.zeros(n_own + n_extra, dtype=q.dtype, device=q.device)
+        bias[n_own:] = extra_bias
+        bias = bias.view(1, 1, 1, -1)
+    else:
+        bias = None
+    if bias is not None:
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        mask = bias if mask is None else mask + bias
+    return F.scaled_dot_product_attention(q, torch.cat([k, extra_k], -2), torch.cat([v, extra_v], -2), attn_mask=mask)
+
+
 @dataclass
 class AttnCall:
     """What a processor knows about the call it is in."""
@@ -118,11 +172,7 @@ class AttentionProcessor:
         """Attention of (B, heads, N, d) queries; override to change how scores are formed."""
         if not self.needs_probs:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
-        scores = q @ k.transpose(-1, -2) * (1 / math.sqrt(q.shape[-1]))
-        if mask is not None:
-            scores = scores + mask if mask.dtype != torch.bool else scores.masked_fill(~mask, float("-inf"))
-        probs = self.edit_probs(call, scores.softmax(dim=-1))
-        return probs @ v
+        return self.edit_probs(call, attention_probs(q, k, mask)) @ v
 
     def edit_output(self, call: AttnCall, out):
         """out: (B, N, C) after the output projection, before the residual. Return the tensor to use."""
