@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
-from ..processors import AttentionProcessor, patch_attention
+from ..processors import AttentionProcessor, cfg_halves, extended_attention, patch_attention
 
 LOG2 = math.log(2)
 
@@ -107,23 +107,20 @@ def pinned_schedule(n_steps: int, offset: int) -> tuple[int, list[int]]:
 
 def expand_reference(x: torch.Tensor, halves: int, scale: float = 1.0) -> torch.Tensor:
     """Each half's image 0 repeated over its half; `scale` multiplies the copies given to the others."""
-    b = x.shape[0]
-    if b % halves:
-        raise ValueError(f"batch {b} does not split into {halves} classifier-free-guidance halves")
-    n = b // halves
-    ref = x[::n].repeat_interleave(n, dim=0)
+    per_half = cfg_halves(x, halves)
+    ref = per_half[:, :1].expand(per_half.shape)
     if scale != 1.0:
-        factor = torch.full((b,) + (1,) * (x.ndim - 1), scale, dtype=x.dtype, device=x.device)
-        factor[::n] = 1.0
+        factor = torch.full(per_half.shape[:2] + (1,) * (x.ndim - 1), scale, dtype=x.dtype, device=x.device)
+        factor[:, 0] = 1.0
         ref = ref * factor
-    return ref
+    return ref.reshape(x.shape)
 
 
 def whole_half(x: torch.Tensor, halves: int) -> torch.Tensor:
     """(B, heads, N, d) -> (B, heads, n·N, d): every image gets the tokens of all n images of its half."""
-    b, heads, tokens, d = x.shape
-    per = b // halves
-    joined = x.view(halves, per, heads, tokens, d).transpose(1, 2).reshape(halves, heads, per * tokens, d)
+    per_half = cfg_halves(x, halves)
+    _, per, heads, tokens, d = per_half.shape
+    joined = per_half.transpose(1, 2).reshape(halves, heads, per * tokens, d)
     return joined.repeat_interleave(per, dim=0)
 
 
@@ -151,14 +148,8 @@ class SharedAttention(AttentionProcessor):
         if a.full_attention_share:  # the paper's naive baseline: one attention over the whole half's tokens
             k, v = whole_half(k, h), whole_half(v, h)
         elif a.share_attention:
-            n_own = k.shape[-2]
-            k = torch.cat([k, expand_reference(k, h, a.shared_score_scale)], dim=-2)
-            v = torch.cat([v, expand_reference(v, h)], dim=-2)
-            if a.shared_score_shift:
-                bias = torch.zeros(k.shape[-2], dtype=q.dtype, device=q.device)
-                bias[n_own:] = a.shared_score_shift
-                bias = bias.view(1, 1, 1, -1)
-                mask = bias if mask is None else mask + bias
+            return extended_attention(q, k, v, expand_reference(k, h, a.shared_score_scale), expand_reference(v, h),
+                                      extra_bias=a.shared_score_shift, mask=mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
