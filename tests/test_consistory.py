@@ -7,8 +7,8 @@ import torch
 from diffnb.metrics import otsu_mask
 from diffnb.models import tiny_pipeline, toy_is_trained
 from diffnb.papers.consistory import (ABLATIONS, AnchorCache, ConsiStoryArgs, ConsiStoryAttention, ConsiStoryRun,
-                                      consistory, generate, ladder, layout_overlap, nearest_subject_patches,
-                                      subject_similarity, toy_scores)
+                                      consistory, generate, ladder, layout_overlap, subject_similarity, toy_scores)
+from diffnb.papers.consistory_run import correspondences, nearest_subject_patches
 from diffnb.processors import AttentionProcessor
 
 torch.set_num_threads(1)
@@ -19,7 +19,7 @@ LAYER = "up_blocks.0.attentions.0.transformer_blocks.1.attn1"  # tiny SDXL, 4x4 
 def _run(n=3, halves=2, step=1, **kw):
     run = ConsiStoryRun(ConsiStoryArgs(**kw), [[[1]]] * n, n_steps=10, halves=halves)
     run.state.step = step
-    run.heat_history = [torch.zeros(1)]  # "masks exist"; the masks themselves are set by the test
+    run.masks.history = [torch.zeros(1)]  # "masks exist"; the masks themselves are set by the test
     return run
 
 
@@ -52,7 +52,7 @@ def sdxl_attn():
 
 def test_all_false_mask_equals_vanilla_attention(sdxl_attn):
     run = _run()
-    run._masks = {4: torch.zeros(3, 16, dtype=torch.bool)}
+    run.masks._by_side = {4: torch.zeros(3, 16, dtype=torch.bool)}
     proc = ConsiStoryAttention(run, {LAYER}, set()).for_layer(LAYER)
     x = torch.randn(6, 16, sdxl_attn.to_q.in_features, generator=torch.Generator().manual_seed(0))
     assert (proc(sdxl_attn, x) - AttentionProcessor()(sdxl_attn, x)).abs().max() <= 1e-5
@@ -63,15 +63,15 @@ def test_extended_attention_matches_paper_equations(sdxl_attn, dropout, n_anchor
     run = _run(mask_dropout=dropout, n_anchors=n_anchors)
     g = torch.Generator().manual_seed(1)
     masks = torch.rand(3, 16, generator=g) > 0.4
-    run._masks = {4: masks}
+    run.masks._by_side = {4: masks}
     x = torch.randn(6, 16, sdxl_attn.to_q.in_features, generator=g)
-    sources = run.sources()
-    keep = run.keep(4, len(sources), "cpu")
+    sources = run.anchors.sources
+    keep = run.schedule.keep(run.state.step, 4, len(sources), "cpu")
     assert dropout == 0 or not keep.all()
     q_mix, s = None, 0.0
     if mix:
         q_mix = sdxl_attn.to_q(torch.randn_like(x)).view(6, 16, sdxl_attn.heads, -1).transpose(1, 2)
-        run.queries[LAYER], s = q_mix, run.mix_strength(run.state.step)
+        run.queries[LAYER], s = q_mix, run.schedule.mix_strength(run.state.step)
         assert s is not None and 0.8 < s < 0.9
     ours = ConsiStoryAttention(run, {LAYER}, set()).for_layer(LAYER)(sdxl_attn, x)
     ref = _paper_sdsa(sdxl_attn, x, masks, keep, sources, 2, q_mix, s)
@@ -83,12 +83,12 @@ def test_unmasked_sharing_is_extended_attention_from_step_zero(sdxl_attn):
     run = ConsiStoryRun(ConsiStoryArgs(subject_masks="all", sdsa_start=0, mask_dropout=0.0), [[[1]]] * 3,
                         n_steps=10, halves=2)
     run.state.step = 0
-    assert run.sdsa_on() and not run.heat_history  # no cross-attention seen yet, still shared
+    assert run.sdsa_on() and not run.masks.history  # no cross-attention seen yet, still shared
     assert run.masks(4).all()
     x = torch.randn(6, 16, sdxl_attn.to_q.in_features, generator=torch.Generator().manual_seed(2))
     ours = ConsiStoryAttention(run, {LAYER}, set()).for_layer(LAYER)(sdxl_attn, x)
     ref = _paper_sdsa(sdxl_attn, x, torch.ones(3, 16, dtype=torch.bool), torch.ones(2, 16, dtype=torch.bool),
-                      run.sources(), 2)
+                      run.anchors.sources, 2)
     assert (ours - ref).abs().max() <= 1e-4
     with pytest.raises(ValueError, match="subject_masks must be"):
         ConsiStoryArgs(subject_masks="gt")
@@ -111,10 +111,10 @@ def test_masks_are_otsu_of_the_last_steps_maps(tiny):
         tiny(PROMPTS[:2], latents=torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)),
              num_inference_steps=4, guidance_scale=5.0, output_type="latent")
         run.end_step()
-    assert len(run.heat_history) == 4 and len(run.masks_per_step) == 4
+    assert len(run.masks.history) == 4 and len(run.masks_per_step) == 4
     r = run.top_res
     for s in range(1, 4):  # the mask used at step s comes from steps max(0, s-2)..s-1 only
-        heat = torch.stack(run.heat_history[max(0, s - 2):s]).mean(0).permute(0, 3, 1, 2)
+        heat = torch.stack(run.masks.history[max(0, s - 2):s]).mean(0).permute(0, 3, 1, 2)
         heat = torch.nn.functional.interpolate(heat, size=(r, r), mode="bilinear", align_corners=False)
         want = np.stack([otsu_mask(h[0]) for h in heat.numpy()])
         assert np.array_equal(run.masks_per_step[s].numpy(), want)
@@ -307,13 +307,13 @@ def test_injection_blends_the_conditional_half_only(sdxl_attn):
     """Official: the injector edits `hidden_states[batch_size//2:]` only; the anchors' outputs it blends in are
     the conditional ones. Injection maps are random here; the re-derivation loops over pixels."""
     from diffusers.models.attention_processor import AttnProcessor2_0
-    run = _run(n=3, halves=2, step=3, inject=True)  # n_steps 10: injection on steps 1..3
-    run.passno = 2
+    run = _run(n=3, halves=2, inject=True).next_pass()  # the injection pass; n_steps 10: injection on steps 1..3
+    run.state.step = 3
     g = torch.Generator().manual_seed(3)
     P = 16
     idx = torch.randint(0, 2 * P, (3, P), generator=g)  # into the 2 anchors' patches
     use = torch.rand(3, P, generator=g) > 0.5
-    run.nn = {4: (idx, use)}
+    run.anchors.nn = {4: (idx, use)}
     x = torch.randn(6, P, sdxl_attn.to_q.in_features, generator=g)
     ours = ConsiStoryAttention(run, set(), {LAYER}).for_layer(LAYER)(sdxl_attn, x)
     base = AttnProcessor2_0()(sdxl_attn, x)
@@ -334,16 +334,15 @@ def test_dynamic_threshold_is_otsu_over_all_pixels_then_the_subject_mask():
     distance 2; itself: excluded), threshold = Otsu over the distances of ALL its pixels, inject where
     distance < threshold AND the pixel is in the image's subject mask."""
     from skimage.filters import threshold_otsu
-    from diffnb.papers.consistory import _correspondences
     g = torch.Generator().manual_seed(4)
     n, C, r = 3, 6, 8
     run = _run(n=n)
     masks = torch.rand(n, r * r, generator=g) > 0.6
-    run._masks = {r: masks}
+    run.masks._by_side = {r: masks}
     feats = torch.randn(n, C, r, r, generator=g)
     feats[:, 0] += 3 * masks.view(n, r, r)  # subjects look alike, so distances inside and outside differ
-    _correspondences(run, feats, [r])
-    idx, use = run.nn[r]
+    correspondences(run, feats, [r])
+    idx, use = run.anchors.nn[r]
     f = torch.nn.functional.normalize(feats.flatten(2), dim=1)  # (n, C, P)
     for i in range(n):
         best = torch.full((r * r,), float("inf"))
@@ -429,7 +428,7 @@ class _MetaInsideUNet:
 
 @pytest.mark.parametrize("masks", ["attention", "all"])
 def test_no_tensor_is_built_off_the_models_device(tiny, masks):
-    from diffnb.papers.consistory import _correspondences, _latents
+    from diffnb.papers.consistory import _latents
     args = replace(ConsiStoryArgs.for_model("toy"), subject_masks=masks, mask_resolutions=None)
     with _MetaInsideUNet(tiny.unet):
         out = generate(tiny, PROMPTS[:3], "heart", args, num_inference_steps=4, seeds=[0, 1, 2])
@@ -437,9 +436,9 @@ def test_no_tensor_is_built_off_the_models_device(tiny, masks):
     with torch.device("meta"):  # the steps between the UNet calls
         assert _latents(tiny, [0, 1], 32, 32).device.type == "cpu"
         run = _run(n=3)
-        run._masks = {4: torch.rand(3, 16, device="cpu") > 0.5}
-        _correspondences(run, torch.randn(3, 5, 4, 4, device="cpu"), [4])
-        assert all(t.device.type == "cpu" for t in run.nn[4])
+        run.masks._by_side = {4: torch.rand(3, 16, device="cpu") > 0.5}
+        correspondences(run, torch.randn(3, 5, 4, 4, device="cpu"), [4])
+        assert all(t.device.type == "cpu" for t in run.anchors.nn[4])
 
 
 def test_masks_and_sharing_follow_the_size_actually_run():

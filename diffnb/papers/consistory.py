@@ -14,22 +14,24 @@ Re-implemented from the paper (the official code's licence is non-commercial; no
 
     out = generate(pipe, prompts, ["dog"], ConsiStoryArgs(), seeds=[0, 1, 2, 3])
     out.images, out.masks[16]          # (n, H, W, 3) floats; (n, 16, 16) bool subject masks
+
+A pass's state (the schedule, the subject masks over the steps, the anchor bank) is in `consistory_run.py`.
 """
 from __future__ import annotations
 
-import math
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..hooks import CrossAttentionStore, capture, token_index
+from ..hooks import capture, token_index
 from ..inversion import decode_latents
 from ..layers import resolution, select_many
-from ..metrics import otsu_mask, otsu_threshold
-from ..processors import AttentionProcessor, RunState, attention_names, patch_attention, track_steps
+from ..processors import (AttentionProcessor, attention_names, cfg_halves, extended_attention, patch_attention,
+                          track_steps)
+from .consistory_run import AnchorCache, ConsiStoryRun, correspondences, gaussian_smooth
 
 
 @dataclass(frozen=True)
@@ -99,118 +101,11 @@ ABLATIONS = ladder(ConsiStoryArgs(inject=True))  # the paper's ladder with the o
 
 
 @dataclass
-class AnchorCache:
-    """What new prompts need from the anchors: kept subject keys/values per (pass, layer, step), their
-    conditional-half outputs at the injection steps, their DIFT features and final masks. Tensors stay on the
-    model's device."""
-    n_anchors: int
-    n_steps: int
-    halves: int
-    args: ConsiStoryArgs
-    kv: dict = field(default_factory=dict)
-    out: dict = field(default_factory=dict)
-    dift: torch.Tensor | None = None  # (n_anchors, C, s, s)
-    masks: dict = field(default_factory=dict)  # resolution -> (n_anchors, r*r) bool, end of pass 1
-    images: np.ndarray | None = None
-
-
-@dataclass
 class ConsiStoryOutput:
     images: np.ndarray
     masks: dict  # resolution -> (n, r, r) bool, at the end of generation
     masks_per_step: list  # (n, R, R) bool at the top SDSA resolution, as used at each step (None before masks)
     anchors: AnchorCache | None = None
-
-
-class ConsiStoryRun:
-    """Per-generation state shared by the processors and the UNet pre-hook (step, masks, caches)."""
-
-    def __init__(self, args: ConsiStoryArgs, token_ids: list[list[list[int]]], n_steps: int, halves: int,
-                 anchors: AnchorCache | None = None, record: bool | str = False):
-        self.args, self.token_ids, self.n_steps, self.halves = args, token_ids, n_steps, halves
-        self.n = len(token_ids)
-        self.cached, self.record = anchors, bool(record)
-        self.keep_on = "cpu" if record == "cpu" else None  # where the anchor cache lives (None: the model's device)
-        self.state, self.passno = RunState(), 1
-        self.store = CrossAttentionStore()  # fed only by the mask layers (`consistory` picks them)
-        self.vanilla, self.queries = False, {}
-        self.heat_history, self.masks_per_step, self._masks = [], [], {}
-        self.nn = {}  # resolution -> (source index (n, P), use (n, P)) for feature injection
-        self.record_kv, self.record_out = {}, {}
-        self.share, self.injected, self.sizes, self._last = set(), set(), {}, None  # sizes: layer -> side as run
-
-    @property
-    def top_res(self) -> int | None:
-        """Side of the largest shared feature map as run (nominal sizes differ at other image sizes)."""
-        return max((self.sizes[x] for x in self.share if x in self.sizes), default=None)
-
-    @property
-    def inject_res(self) -> list[int]:
-        return sorted({self.sizes[x] for x in self.injected if x in self.sizes})
-
-    # --- schedule --------------------------------------------------------------------------------------
-    def sdsa_on(self) -> bool:
-        has_masks = self.args.subject_masks == "all" or bool(self.heat_history)
-        return self.args.sdsa and self.state.step >= self.args.sdsa_start and has_masks
-
-    def mix_strength(self, step: int) -> float | None:
-        last = int(self.n_steps * self.args.query_mix_fraction)
-        if self.args.query_mix_fraction <= 0 or step > last:
-            return None
-        a, b = self.args.query_mix_strength
-        return a + (b - a) * step / max(last, 1)
-
-    def inject_on(self, step: int) -> bool:
-        lo, hi = self.args.inject_fraction
-        return self.passno == 2 and int(self.n_steps * lo) <= step <= int(self.n_steps * hi)
-
-    def sources(self) -> list[int]:
-        return list(range(self.n if self.args.n_anchors is None else self.args.n_anchors))
-
-    # --- masks -----------------------------------------------------------------------------------------
-    def end_step(self):
-        """Fold the finished step's cross-attention into the history; masks are then rebuilt lazily."""
-        if not self.store.sums:
-            return
-        maps = self.store.maps()[-self.n:]  # (n, R, R, tokens), conditional half
-        heat = torch.stack([torch.stack([maps[i, ..., ids].mean(-1) for ids in words], -1)
-                            for i, words in enumerate(self.token_ids)])
-        self.heat_history.append(heat)
-        self.store.reset()
-        self._masks = {}
-
-    def masks(self, r: int) -> torch.Tensor:
-        """(n, r*r) bool: union over subject words of Otsu(mean heat of the last `mask_window` steps)."""
-        if self.args.subject_masks == "all":
-            return torch.ones(self.n, r * r, dtype=torch.bool, device="cpu")
-        if r not in self._masks:
-            heat = torch.stack(self.heat_history[-self.args.mask_window:]).mean(0).permute(0, 3, 1, 2)
-            heat = F.interpolate(heat, size=(r, r), mode="bilinear", align_corners=False)
-            m = np.stack([np.any([otsu_mask(h) for h in img], 0) for img in heat.numpy()])
-            self._masks[r] = torch.from_numpy(m).reshape(self.n, r * r)
-        return self._masks[r]
-
-    def keep(self, r: int, s: int, device) -> torch.Tensor:
-        """(s, r*r) dropout draw for the shared tokens, a function of (seed, step, resolution) only."""
-        if self.args.mask_dropout == 0:
-            return torch.ones(s, r * r, dtype=torch.bool, device=device)
-        g = torch.Generator().manual_seed(self.args.dropout_seed * 1_000_003 + self.state.step * 1009 + r)
-        return (torch.rand(s, r * r, generator=g, device="cpu") >= self.args.mask_dropout).to(device)
-
-    def pre_hook(self, unet, args, kwargs):
-        """Runs after `track_steps`: on a new step fold the masks, then the extra vanilla pass if mixing."""
-        if self.state.step != self._last:
-            self._last = self.state.step
-            self.end_step()
-            self.queries = {}
-            if self.sdsa_on() and self.mix_strength(self.state.step) is not None:
-                self.vanilla = True
-                try:
-                    unet.forward(*args, **kwargs)  # forward() skips hooks: no step counted
-                finally:
-                    self.vanilla = False
-            r = self.top_res
-            self.masks_per_step.append(self.masks(r).view(self.n, r, r).clone() if self.heat_history and r else None)
 
 
 class _MaskStore(AttentionProcessor):
@@ -222,7 +117,7 @@ class _MaskStore(AttentionProcessor):
         self.run = run
 
     def edit_probs(self, call, probs):
-        return probs if self.run.vanilla else self.run.store.edit_probs(call, probs)
+        return probs if self.run.vanilla else self.run.masks.store.edit_probs(call, probs)
 
 
 class ConsiStoryAttention(AttentionProcessor):
@@ -235,105 +130,57 @@ class ConsiStoryAttention(AttentionProcessor):
     def attend(self, call, q, k, v, mask):
         run, name = self.run, self.layer_name
         run.sizes[name] = call.height
-        plain = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        if name not in self.share:
-            return plain()
-        if run.vanilla:
+        if name in self.share and run.vanilla:
             run.queries[name] = q
-            return plain()
-        if not run.sdsa_on():
-            return plain()
-        if mask is not None:
-            raise NotImplementedError("SDSA with an attention mask on self-attention is not supported")
-        step, h, n, P = run.state.step, run.halves, run.n, q.shape[-2]
+        elif name in self.share and run.sdsa_on():
+            if mask is not None:
+                raise NotImplementedError("SDSA with an attention mask on self-attention is not supported")
+            return self.sdsa(call, q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def sdsa(self, call, q, k, v):
+        """softmax(Q_i [K_i ; K_anchors]ᵀ/√d + log M_i⁺) [V_i ; V_anchors], queries mixed in the early steps."""
+        run, bank, step, name = self.run, self.run.anchors, self.run.state.step, self.layer_name
         if name in run.queries:
-            s = run.mix_strength(step)
+            s = run.schedule.mix_strength(step)
             q = s * run.queries.pop(name) + (1 - s) * q
-        B, H, _, d = k.shape
+        h, n, (B, H, P, d) = run.halves, run.n, k.shape
         key = (run.passno, name, step)
-        if run.cached is not None:  # new prompts against cached anchors: all cached tokens are visible
-            ek, ev = (t.to(k.device) for t in run.cached.kv[key])
-            attn_mask = None
+        if bank.cached is not None:  # new prompts against cached anchors: all cached tokens are visible
+            ek, ev = (t.to(k.device) for t in bank.cached.kv[key])
+            mask = None
         else:
-            src = run.sources()
+            src = bank.sources
             if len(src) > n:
                 raise ValueError(f"n_anchors={len(src)} exceeds the {n} prompts")
-            allowed = (run.masks(call.height)[src].to(k.device) & run.keep(call.height, len(src), k.device)).flatten()
+            allowed = (run.masks(call.height)[src].to(k.device)
+                       & run.schedule.keep(step, call.height, len(src), k.device)).flatten()
             owner = torch.arange(len(src), device=k.device).repeat_interleave(P)[allowed]
-            ek, ev = (t.view(h, n, H, P, d)[:, src].transpose(1, 2).reshape(h, H, -1, d)[:, :, allowed] for t in (k, v))
-            if run.record:
-                run.record_kv[key] = (ek.to(run.keep_on), ev.to(run.keep_on)) if run.keep_on else (ek, ev)
+            ek, ev = (cfg_halves(t, h)[:, src].transpose(1, 2).reshape(h, H, -1, d)[:, :, allowed] for t in (k, v))
+            bank.save_kv(key, ek, ev)
             sees = owner[None, :] != torch.arange(n, device=k.device)[:, None]  # no image sees itself twice
-            attn_mask = torch.cat([torch.ones(n, P, dtype=torch.bool, device=k.device), sees], 1)
-            attn_mask = attn_mask.repeat(h, 1)[:, None, None, :]
-        L = ek.shape[-2]
-        expand = lambda e: e[:, None].expand(h, n, H, L, d).reshape(B, H, L, d)
-        return F.scaled_dot_product_attention(q, torch.cat([k, expand(ek)], -2), torch.cat([v, expand(ev)], -2),
-                                              attn_mask=attn_mask)
+            mask = torch.cat([torch.ones(n, P, dtype=torch.bool, device=k.device), sees], 1).repeat(h, 1)[:, None, None]
+        expand = lambda e: e[:, None].expand(h, n, H, e.shape[-2], d).reshape(B, H, -1, d)  # every image of a half
+        return extended_attention(q, k, v, expand(ek), expand(ev), mask=mask)
 
     def edit_output(self, call, out):
         """Feature injection into the conditional half only (as official); the unconditional half is untouched."""
-        run = self.run
-        if run.vanilla or self.layer_name not in self.inject or not run.inject_on(run.state.step):
+        run, bank = self.run, self.run.anchors
+        if run.vanilla or self.layer_name not in self.inject or not run.schedule.inject_on(run.state.step, run.passno):
             return out
-        h, n, P, C = run.halves, run.n, out.shape[1], out.shape[2]
-        x = out.view(h, n, P, C)
+        x, C = cfg_halves(out, run.halves), out.shape[2]  # (h, n, P, C)
         key = (run.passno, self.layer_name, run.state.step)
-        if run.cached is not None:
-            src_out = run.cached.out[key].to(out.device)
+        if bank.cached is not None:
+            src_out = bank.cached.out[key].to(out.device)
         else:
-            src_out = x[-1, run.sources()]  # (S, P, C), the anchors' conditional outputs
-            if run.record:
-                run.record_out[key] = src_out.to(run.keep_on) if run.keep_on else src_out
-        if call.height not in run.nn:
+            src_out = x[-1, bank.sources]  # (S, P, C), the anchors' conditional outputs
+            bank.save_out(key, src_out)
+        if call.height not in bank.nn:
             return out
-        idx, use = (t.to(out.device) for t in run.nn[call.height])
+        idx, use = (t.to(out.device) for t in bank.nn[call.height])
         a = run.args.inject_alpha
         cond = torch.where(use[..., None], a * src_out.reshape(-1, C)[idx] + (1 - a) * x[-1], x[-1])
         return torch.cat([x[:-1], cond[None]]).reshape(out.shape)
-
-
-def nearest_subject_patches(target, source, source_mask, same=None):
-    """Cosine nearest neighbour of every target patch among the sources' patches.
-
-    target (n, C, P), source (S, C, P), source_mask (S, P) bool; a source patch outside its mask is at distance 2
-    (the largest cosine distance, as official); `same[i] = j` when target i is source j (excluded: infinite
-    distance, as an image is not its own source). Returns the index into S*P and the cosine distance, both (n, P).
-    """
-    dist = 1 - torch.einsum("ncp,scq->npsq", F.normalize(target.float(), dim=1), F.normalize(source.float(), dim=1))
-    dist = dist.masked_fill(~source_mask[None, None].to(dist.device), 2.0)
-    for i, j in (same or {}).items():
-        dist[i, :, j] = math.inf
-    best, idx = dist.flatten(2).min(-1)
-    return idx, best
-
-
-def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """3x3 Gaussian per channel of (B, C, H, W), zero padding: the official smoothing of its DIFT features."""
-    g = torch.exp(-torch.tensor([-1.0, 0.0, 1.0], device=x.device) ** 2 / (2 * sigma**2))
-    k = (g[:, None] * g[None]) / (g.sum() ** 2)
-    return F.conv2d(x.float(), k.expand(x.shape[1], 1, 3, 3), padding=1, groups=x.shape[1])
-
-
-def _correspondences(run: ConsiStoryRun, feats: torch.Tensor, resolutions, anchor_feats=None, anchor_masks=None):
-    """DIFT maps per injection resolution: which source patch each image's patch takes, and where to inject.
-
-    Injection happens where the target patch is in its subject mask AND its nearest-neighbour distance is below the
-    threshold; the 'dynamic' threshold (official) is Otsu over the distances of ALL the image's patches.
-    """
-    for r in resolutions:
-        tgt = F.interpolate(feats.float(), size=(r, r), mode="bilinear", align_corners=False).flatten(2)
-        if anchor_feats is None:
-            src_ids = run.sources()
-            src, smask, same = tgt[src_ids], run.masks(r)[src_ids], {j: t for t, j in enumerate(src_ids)}
-        else:
-            src = F.interpolate(anchor_feats.float(), size=(r, r), mode="bilinear", align_corners=False).flatten(2)
-            smask, same = anchor_masks[r], None
-        idx, dist = nearest_subject_patches(tgt, src, smask, same)
-        thr = [run.args.dift_threshold if run.args.dift_threshold is not None  # per image, as official
-               else otsu_threshold(d) if torch.isfinite(d).all() else -math.inf for d in dist]
-        below = dist < torch.tensor(thr, device=dist.device)[:, None]
-        run.nn[r] = (idx, run.masks(r).to(dist.device) & below)
 
 
 @contextmanager
@@ -386,6 +233,32 @@ def generate(pipe, prompts: list[str], subject_words: list[str] | str, args: Con
     `size`: square image side in pixels (default: the model's). Decoding goes through `decode_latents`, in
     batches that fit (SDXL's VAE runs in fp32).
     """
+    halves = 2 if guidance_scale > 1 else 1
+    args, words, seeds = _checked(prompts, subject_words, args, seeds, anchors, cache_anchors, num_inference_steps,
+                                  halves, overrides)
+    tok = [[token_index(pipe.tokenizer, p, w) for w in words] for p in prompts]
+    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    latents = _latents(pipe, seeds, size, size).to(pipe.device, pipe.unet.dtype)
+    pipe.scheduler.set_timesteps(num_inference_steps)
+    dift_step = int(torch.argmin((pipe.scheduler.timesteps.float() - args.dift_timestep).abs()))
+    run = ConsiStoryRun(args, tok, num_inference_steps, halves, anchors, cache_anchors if anchors is None else False)
+    denoise = lambda run, dift=None: _denoise(pipe, run, prompts, latents, size, guidance_scale, dift)
+    dift = first_masks = None
+    if args.inject:  # pass 1: SDSA alone, and the DIFT features that say where pass 2 injects from
+        _, dift = denoise(run, (args.dift_layer, dift_step))
+        dift = dift[-len(prompts):]  # conditional half
+        dift = dift if args.dift_sigma is None else gaussian_smooth(dift, args.dift_sigma)
+        first_masks = {r: run.masks(r) for r in run.inject_res}
+        correspondences(run, dift, run.inject_res)
+        run = run.next_pass()
+    images, _ = denoise(run)  # the output pass: SDSA, and feature injection after pass 1
+    masks = {r: run.masks(r).view(run.n, r, r) for r in sorted({run.top_res, *run.inject_res})} \
+        if run.masks.history else {}
+    return ConsiStoryOutput(images, masks, run.masks_per_step, run.anchors.cache(run, images, dift, first_masks))
+
+
+def _checked(prompts, subject_words, args, seeds, anchors, cache_anchors, n_steps, halves, overrides):
+    """`generate`'s inputs, validated: (args with the overrides, subject words as a list, one seed per prompt)."""
     valid = {f.name for f in fields(ConsiStoryArgs)}
     if unknown := set(overrides) - valid:
         raise ValueError(f"unknown ConsiStory options {sorted(unknown)}; allowed: {sorted(valid)}")
@@ -400,50 +273,26 @@ def generate(pipe, prompts: list[str], subject_words: list[str] | str, args: Con
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
     if cache_anchors not in (False, True, "cpu"):
         raise ValueError(f"cache_anchors must be False, True or 'cpu', got {cache_anchors!r}")
-    halves = 2 if guidance_scale > 1 else 1
     if anchors is not None:
         if not isinstance(anchors, AnchorCache):
             raise TypeError(f"anchors must be an AnchorCache, got {type(anchors).__name__}")
-        if (anchors.n_steps, anchors.halves) != (num_inference_steps, halves) or anchors.args != args:
+        if (anchors.n_steps, anchors.halves) != (n_steps, halves) or anchors.args != args:
             raise ValueError("the anchors were made with other steps / guidance / args; allowed: the same as theirs")
     elif args.sdsa and args.n_anchors is not None and args.n_anchors > len(prompts):
         raise ValueError(f"n_anchors={args.n_anchors} exceeds the {len(prompts)} prompts")
-    tok = [[token_index(pipe.tokenizer, p, w) for w in words] for p in prompts]
-    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    latents = _latents(pipe, seeds, size, size).to(pipe.device, pipe.unet.dtype)
-    pipe.scheduler.set_timesteps(num_inference_steps)
-    dift_step = int(torch.argmin((pipe.scheduler.timesteps.float() - args.dift_timestep).abs()))
-    run = ConsiStoryRun(args, tok, num_inference_steps, halves, anchors, cache_anchors if anchors is None else False)
+    return args, words, seeds
 
-    def call():
-        out = pipe(list(prompts), latents=latents, num_inference_steps=num_inference_steps, height=size, width=size,
+
+def _denoise(pipe, run: ConsiStoryRun, prompts, latents, size, guidance_scale, dift=None):
+    """One pass of the pipeline under `run`: images in [0, 1], and with dift=(block, step) that block's output."""
+    with consistory(pipe.unet, run), ExitStack() as stack:
+        feats = stack.enter_context(capture(pipe.unet, [dift[0]], steps=[dift[1]], state=run.state, offload=None)) \
+            if dift else None
+        out = pipe(list(prompts), latents=latents, num_inference_steps=run.n_steps, height=size, width=size,
                    guidance_scale=guidance_scale, output_type="latent").images
-        return decode_latents(pipe, out, rounded=False) / 255
-    with consistory(pipe.unet, run):
-        if args.inject:
-            with capture(pipe.unet, [args.dift_layer], steps=[dift_step], state=run.state, offload=None) as feats:
-                call()
-            run.end_step()
-            dift = feats.get(args.dift_layer, dift_step)[-len(prompts):]  # conditional half
-            dift = dift if args.dift_sigma is None else gaussian_smooth(dift, args.dift_sigma)
-            final1 = {r: run.masks(r) for r in run.inject_res}
-            if anchors is None:
-                _correspondences(run, dift, run.inject_res)
-            else:
-                _correspondences(run, dift, run.inject_res, anchors.dift, anchors.masks)
-            run.state.reset()
-            run.__dict__.update(passno=2, heat_history=[], masks_per_step=[], _masks={}, _last=None)
-        images = call()
-        run.end_step()
-    masks = {r: run.masks(r).view(run.n, r, r) for r in sorted({run.top_res, *run.inject_res})} \
-        if run.heat_history else {}
-    cache = None
-    if run.record:
-        k = len(run.sources())
-        cache = AnchorCache(k, num_inference_steps, halves, args, run.record_kv, run.record_out,
-                            dift[:k] if args.inject else None,
-                            {r: m[:k] for r, m in final1.items()} if args.inject else {}, images[:k])
-    return ConsiStoryOutput(images, masks, run.masks_per_step, cache)
+        images = decode_latents(pipe, out, rounded=False) / 255
+    run.end_step()
+    return images, feats.get(*dift) if dift else None
 
 
 def subject_similarity(images, masks, probes, fill: float = 0.5) -> float:
