@@ -21,9 +21,10 @@ import torch
 from diffnb.bench import save_result
 from diffnb.metrics import paired_bootstrap
 from diffnb.models import load_pipeline
-from diffnb.papers.consistory import ABLATIONS, ConsiStoryArgs, generate, ladder, toy_mask_iou, toy_scores
+from diffnb.papers.consistory import ABLATIONS, ConsiStoryArgs, generate, ladder
 from diffnb.toyworld import SHAPES
 from diffnb.toyworld.probes import Probes
+from diffnb.toyworld.scoring import identity_scores, subject_mask_iou
 from diffnb.viz import to_uint8
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -69,8 +70,8 @@ def main(argv=None):
             images.append(to_uint8(out.images))
             prompts.append(ps)
             masks.append(out.masks[16].numpy())
-        scores = toy_scores(np.stack(images), prompts, probes, np.stack(masks))
-        per_set = [toy_scores(im[None], [ps], probes)["identity_agreement"] for im, ps in zip(images, prompts)]
+        scores = identity_scores(np.stack(images), prompts, probes, np.stack(masks))
+        per_set = [identity_scores(im[None], [ps], probes)["identity_agreement"] for im, ps in zip(images, prompts)]
         result["ablations"][name] = {**scores, "seconds_per_set": secs / a.sets, "identity_per_set": per_set}
         print(name, {k: round(v, 3) for k, v in scores.items()}, flush=True)
     plain = []  # the plain pipeline, no processors at all: the time-ratio baseline
@@ -89,7 +90,7 @@ def main(argv=None):
         print(name, "time ratio vs plain pipeline", round(r["time_ratio"], 2),
               "" if g is None else f"identity gain {g['gain']:+.3f} (95% CI {g['low']:+.3f}..{g['high']:+.3f})")
     if a.iou:
-        result["mask_iou"] = toy_mask_iou(pipe, a.iou, a.start)
+        result["mask_iou"] = subject_mask_iou(pipe, a.iou, a.start)
         print("mask IoU", result["mask_iou"], flush=True)
     suffix = "_dropout" if a.dropout_sweep else "_injection" if a.injection else ""
     save_result(result, a.out or OUT / f"consistory_toy_{a.start}{suffix}.json")

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from diffnb.bench import compare
-from diffnb.papers.diffsim import AlignedAttentionScore, DiffSimArgs, diffsim, toy_triplets
+from diffnb.papers.diffsim import AlignedAttentionScore, DiffSimArgs, diffsim
 from diffnb.processors import patch_attention
+from diffnb.toyworld.scoring import triplets
 
 OUT = Path(__file__).resolve().parent / "results"
 OFFICIAL = DiffSimArgs.for_model("sd15")
@@ -43,7 +44,7 @@ def main():
         return
     from diffnb.models import load_pipeline
     pipe = load_pipeline("toy", device="cpu")
-    ref, pos, _ = toy_triplets("content", n)
+    ref, pos, _ = triplets("content", n)
     layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
     vanilla_x = torch.randn(2 * n, 4, 16, 16)
     emb = pipe.encode_prompt([""] * 2 * n, "cpu", 1, False)[0]

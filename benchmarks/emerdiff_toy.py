@@ -13,8 +13,9 @@ import torch
 from tqdm.auto import tqdm
 
 from diffnb.bench import save_result
+from diffnb.metrics import hungarian_miou
 from diffnb.models import load_pipeline
-from diffnb.papers.emerdiff import EmerDiffArgs, hungarian_miou, segment, upsample_labels
+from diffnb.papers.emerdiff import EmerDiffArgs, segment, upsample_labels
 from diffnb.toyworld import ToyDataset
 
 OUT = Path(__file__).resolve().parent / "results"

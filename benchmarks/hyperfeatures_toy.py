@@ -2,7 +2,7 @@
 
 Toy keypoint pairs (heart / triangle, different rotation, scale, colour, background); features of every decoder
 resnet along a DDIM inversion at notebook 03's saved steps; the aggregator trains for a fixed number of steps on the
-train pairs (their 2-4 named keypoints plus `--extra-points` matched object points, see `toy_pairs`) with the
+train pairs (their 2-4 named keypoints plus `--extra-points` matched object points, see `keypoint_pairs`) with the
 official objective; PCK@0.1 (bbox) on the named keypoints of held-out pairs for hyperfeatures and the paper's
 baselines (best single layer chosen on the train pairs, concat-all, the one-step model at the clean call) plus a
 colour-patch baseline. Seed 1 by default: pairs notebook 03 (seed 0) never sees.
@@ -20,6 +20,7 @@ import torch
 from diffnb.bench import save_result
 from diffnb.models import load_pipeline
 from diffnb.papers import hyperfeatures as hf
+from diffnb.toyworld.scoring import keypoint_pairs
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -54,10 +55,10 @@ def main():
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
-    train_pairs = hf.toy_pairs(a.train, "train", seed=a.seed, max_angle=a.max_angle)
-    test_pairs = hf.toy_pairs(a.test, "heldout", seed=a.seed, max_angle=a.max_angle)
+    train_pairs = keypoint_pairs(a.train, "train", seed=a.seed, max_angle=a.max_angle)
+    test_pairs = keypoint_pairs(a.test, "heldout", seed=a.seed, max_angle=a.max_angle)
     steps = [int(x) for x in a.steps.split(",")] if a.steps else hf.spaced_steps(a.inversion_steps, a.saved_steps)
-    dense_pairs = hf.toy_pairs(a.train, "train", seed=a.seed, max_angle=a.max_angle, extra_points=a.extra_points)
+    dense_pairs = keypoint_pairs(a.train, "train", seed=a.seed, max_angle=a.max_angle, extra_points=a.extra_points)
     if a.cache and Path(a.cache).exists():
         tr_f, te_f = torch.load(a.cache, weights_only=False)
     else:

@@ -16,9 +16,10 @@ import torch
 from diffnb.bench import save_result
 from diffnb.models import load_pipeline
 from diffnb.nb import generator
-from diffnb.papers.style_aligned import StyleAlignedArgs, generate, toy_scores
+from diffnb.papers.style_aligned import StyleAlignedArgs, generate
 from diffnb.toyworld import COLORS, SHAPES, prompt
 from diffnb.toyworld.probes import Probes
+from diffnb.toyworld.scoring import style_scores
 from diffnb.viz import to_uint8
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -50,14 +51,14 @@ def main(argv=None):
     pipe, probes = load_pipeline("toy", device="cpu"), Probes()
     sample = dict(num_inference_steps=20, height=64, width=64, guidance_scale=5.0, output_type="np")
     vanilla = np.stack([to_uint8(pipe(p, generator=generator(s), **sample).images) for p, s in zip(sets, seeds)])
-    base = toy_scores(vanilla, shape_sets, probes)
+    base = style_scores(vanilla, shape_sets, probes)
     result = {"setting": f"toy model, {a.sets} sets of 4 prompts, rng {a.rng}, seeds {a.seed}+, 20 steps, CFG 5",
               "vanilla": base, "variants": {}}
     print(f"{'':42s} {'style':>6s} {'shape ratio':>12s} {'leak':>6s}\nvanilla {base}")
     for name, args in VARIANTS.items():
         images = np.stack([to_uint8(generate(pipe, p, args=args, generator=generator(s), **sample))
                            for p, s in zip(sets, seeds)])
-        s = toy_scores(images, shape_sets, probes)
+        s = style_scores(images, shape_sets, probes)
         s["shape_ratio"] = s["shape_accuracy"] / base["shape_accuracy"]
         result["variants"][name] = s
         result.setdefault("args", {})[name] = {k: v for k, v in vars(args).items()}

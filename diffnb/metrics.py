@@ -1,4 +1,5 @@
-"""Small, exact metrics shared by notebooks and tests."""
+"""Small, exact metrics shared by notebooks, benchmarks and tests: general ones (a segmentation mIoU, 2AFC, PCK,
+layout overlap), not any one paper's method, so a paper module imports them from here."""
 from __future__ import annotations
 
 import numpy as np
@@ -102,3 +103,44 @@ def paired_bootstrap(base, method, n: int = 10_000, level: float = 0.95, seed: i
                         rng=np.random.default_rng(seed))
         lo, hi = res.confidence_interval
     return {"gain": float(d.mean()), "low": float(lo), "high": float(hi), "level": level, "units": int(d.size)}
+
+
+def mean_over_pairs(pairwise: torch.Tensor) -> float:
+    """Mean over sets and over the pairs i < j of a (sets, n, n) matrix."""
+    i, j = torch.triu_indices(pairwise.shape[1], pairwise.shape[1], 1)
+    return float(pairwise[:, i, j].mean())
+
+
+def layout_overlap(masks) -> float:
+    """Mean pairwise IoU of the subject masks inside each set: 1 = every subject in the same place and size (the
+    layout collapse that dropout and query mixing are there to prevent). masks (sets, n, r, r) bool."""
+    m = torch.as_tensor(np.asarray(masks)).flatten(2).float()
+    inter, area = m @ m.transpose(1, 2), m.sum(-1)
+    return mean_over_pairs(inter / (area[:, :, None] + area[:, None, :] - inter).clamp(min=1))
+
+
+def hungarian_miou(labels: np.ndarray, masks: np.ndarray) -> float:
+    """mIoU over the ground-truth segments after one-to-one Hungarian matching of predicted segments to them
+    (unmatched predicted segments count as wrong). labels: (H, W) ints; masks: (C, H, W) bool."""
+    from scipy.optimize import linear_sum_assignment
+
+    k = int(labels.max()) + 1
+    pred = np.stack([labels == i for i in range(k)])
+    inter = np.einsum("khw,chw->kc", pred.astype(np.int64), masks.astype(np.int64))
+    union = pred.sum((1, 2))[:, None] + masks.sum((1, 2))[None] - inter
+    iou = inter / np.maximum(union, 1)
+    rows, cols = linear_sum_assignment(-iou)
+    per_class = np.zeros(masks.shape[0])
+    per_class[cols] = iou[rows, cols]
+    return float(per_class.mean())
+
+
+def two_afc(sim_positive, sim_negative) -> float:
+    """Fraction of triplets where the metric finds the positive more similar to the reference (ties count 0.5)."""
+    p, n = torch.as_tensor(sim_positive, dtype=torch.float64), torch.as_tensor(sim_negative, dtype=torch.float64)
+    return float(((p > n).double() + 0.5 * (p == n).double()).mean())
+
+
+def pck(pred, gt, threshold) -> np.ndarray:
+    """Per keypoint: is the prediction within `threshold` pixels (scalar or per keypoint) of the truth?"""
+    return np.linalg.norm(np.asarray(pred, float) - np.asarray(gt, float), axis=-1) <= threshold

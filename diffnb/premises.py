@@ -277,10 +277,11 @@ def hyperfeatures_timestep_gain(pipe, train_pairs, test_pairs, steps=(0, 5, 10),
 # --- the toy world's inputs ---------------------------------------------------------------------------------------
 def toy_keypoint_pairs(n: int, split: str, world: str = "v1", seed: int = 0, extra_points: int = 0,
                        classes=("heart", "triangle")):
-    """Keypoint pairs of one world's renders (`hyperfeatures.toy_pairs`, max angle 45°, one object per image)."""
-    from .papers import hyperfeatures as hf
+    """Keypoint pairs of one world's renders (`toyworld.scoring.keypoint_pairs`, max angle 45°, one object per
+    image)."""
+    from .toyworld.scoring import keypoint_pairs
 
-    return hf.toy_pairs(n, split, seed=seed, classes=classes, extra_points=extra_points, world=world)
+    return keypoint_pairs(n, split, seed=seed, classes=classes, extra_points=extra_points, world=world)
 
 
 @dataclass(frozen=True)

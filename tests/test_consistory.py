@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from diffnb.metrics import otsu_mask
+from diffnb.metrics import layout_overlap, otsu_mask
 from diffnb.models import tiny_pipeline, toy_is_trained
 from diffnb.papers.consistory import (ABLATIONS, AnchorCache, ConsiStoryArgs, ConsiStoryAttention, ConsiStoryRun,
-                                      consistory, generate, ladder, layout_overlap, subject_similarity, toy_scores)
+                                      consistory, generate, ladder)
 from diffnb.papers.consistory_run import correspondences, nearest_subject_patches
 from diffnb.processors import AttentionProcessor
+from diffnb.toyworld.scoring import identity_scores, subject_similarity
 
 torch.set_num_threads(1)
 PROMPTS = ["a red heart", "a blue heart", "a heart on a striped background", "a green heart on a dotted background"]
@@ -251,12 +252,12 @@ def test_toy_scores_counts_pairs():
                     "shape": ["heart"] * 3 + ["moon"], "background": ["striped", "dotted", "plain", "plain"]}
     prompts = [["a heart on a striped background", "a heart on a dotted background",
                 "a heart on a checkered background", "a heart on a plain background"]]
-    s = toy_scores(np.zeros((1, 4, 8, 8, 3), np.uint8), prompts, Fake())
+    s = identity_scores(np.zeros((1, 4, 8, 8, 3), np.uint8), prompts, Fake())
     assert s["detail_agreement"] == pytest.approx(3 / 6) and s["color_agreement"] == 1.0
     assert s["identity_agreement"] == pytest.approx(3 / 6) and s["background_accuracy"] == 0.75
     assert s["shape_accuracy"] == 0.75
     with pytest.raises(ValueError, match="sets, n"):
-        toy_scores(np.zeros((4, 8, 8, 3), np.uint8), prompts, Fake())
+        identity_scores(np.zeros((4, 8, 8, 3), np.uint8), prompts, Fake())
 
 
 @pytest.mark.skipif(not toy_is_trained(), reason="toy model not trained")
@@ -291,7 +292,7 @@ def test_toy_ladder_raises_identity_agreement():
     for name in ("vanilla", "sdsa", "full"):
         outs = [generate(pipe, p, SHAPES[s], steps[name], seeds=[50_000 + 10 * s + j for j in range(4)])
                 for s, p in enumerate(sets)]
-        scores[name] = toy_scores(np.stack([to_uint8(o.images) for o in outs]), sets, probes)
+        scores[name] = identity_scores(np.stack([to_uint8(o.images) for o in outs]), sets, probes)
     gain = lambda k, c: scores[k][c] - scores["vanilla"][c]
     # measured on these seeds (50_000+) and on another fresh range (60_000+): identity +0.50 / +0.08 (4 sets are few:
     # 24 pairs), SDSA colour +0.42 / +0.38, full colour +0.08 / +0.17

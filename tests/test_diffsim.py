@@ -10,9 +10,11 @@ from diffnb.inversion import unet_conditioning
 from diffnb.layers import resolution
 from diffnb.models import toy_is_trained
 from diffnb.papers import diffsim as diffsim_module
+from diffnb.metrics import two_afc
 from diffnb.papers.diffsim import (DiffSimArgs, diffsim, diffsim_sweep, official_timestep, pair_noise, pixel_l2_similarity,
-                                   symmetric_aas, toy_triplets, two_afc)
+                                   symmetric_aas)
 from diffnb.processors import attention_names
+from diffnb.toyworld.scoring import triplets
 
 
 def images(n, seed, size=64):
@@ -87,7 +89,7 @@ def test_bad_input(tiny):
     with pytest.raises(ValueError, match="matches no"):
         diffsim(tiny, a, a, "up.*.attn9", 500, progress=False)
     with pytest.raises(ValueError, match="kind must be one of"):
-        toy_triplets("colour", 2)
+        triplets("colour", 2)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         diffsim(tiny, a, a, "self", 500, progress=False, batch_size=0)
     with pytest.raises(ValueError, match="noise must be one of"):
@@ -214,7 +216,7 @@ def test_toy_triplets_have_the_answers_they_claim():
     from diffnb.toyworld.probes import Probes
     probes = Probes()
     for kind, same, differ in [("style", "background", "shape"), ("content", "shape", None), ("shape", "shape", None)]:
-        ref, pos, neg = (probes.predict(x) for x in toy_triplets(kind, 12, seed=3))
+        ref, pos, neg = (probes.predict(x) for x in triplets(kind, 12, seed=3))
         assert ref[same] == pos[same] and all(r != n for r, n in zip(ref[same], neg[same])), kind
         if differ:  # the adversarial half: the negative shares the reference's content
             assert ref[differ] == neg[differ] and all(r != p for r, p in zip(ref[differ], pos[differ]))
@@ -229,11 +231,11 @@ def test_toy_model_finds_style_and_content():
     from diffnb.models import load_pipeline
     pipe = load_pipeline("toy", device="cpu")
     for kind in ("style", "content"):
-        ref, pos, neg = toy_triplets(kind, 32, seed=0)
+        ref, pos, neg = triplets(kind, 32, seed=0)
         sweep = diffsim_sweep(pipe, np.concatenate([ref, ref]), np.concatenate([pos, neg]), timesteps=(50, 500),
                               progress=False)
         best = max(sweep.aas, key=lambda key: two_afc(sweep.aas[key][:32], sweep.aas[key][32:]))
-        ref, pos, neg = toy_triplets(kind, 32, seed=1)
+        ref, pos, neg = triplets(kind, 32, seed=1)
         s_pos, s_neg = (diffsim(pipe, ref, x, best[0], best[1], progress=False) for x in (pos, neg))
         acc, pixel = two_afc(s_pos, s_neg), two_afc(pixel_l2_similarity(ref, pos), pixel_l2_similarity(ref, neg))
         assert acc >= 0.85 and acc >= pixel + 0.2, (kind, best, acc, pixel)

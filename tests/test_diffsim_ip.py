@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from diffnb.models import tiny_pipeline
-from diffnb.papers.diffsim import (IP_ADAPTERS, VIT_SMALL, IPAlignedAttentionScore, diffsim, diffsim_c, ip_adapter,
-                                   ip_score_processors, write_standin_ip_adapter)
+from diffnb.papers.diffsim import IPAlignedAttentionScore, diffsim, diffsim_c, ip_adapter, ip_score_processors
+from diffnb.standin_ip_adapter import IP_ADAPTERS, VIT_SMALL, write_standin_ip_adapter
 
 LAYER = "up_blocks.1.attentions.1.transformer_blocks.0.attn2"  # up_blocks[1]'s last transformer block
 CLIP_DIM, QUERIES = VIT_SMALL["hidden_size"], 16

@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel,
                           CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model)
 
-from diffnb.papers.diffsim import vit_aas, vit_attention_layers
+from diffnb.papers.diffsim_encoders import vit_aas, vit_attention_layers
 
 CLIP_NORM = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -179,7 +179,7 @@ def test_bad_inputs():
 def test_load_encoder_standin(name, cls, patch, size, monkeypatch):
     """Under DIFFNB_STANDIN the hub encoders of notebook 05 are random-weight models of the same class, with the
     real patch and image size, built offline; vit_aas scores with them."""
-    from diffnb.papers.diffsim import load_encoder
+    from diffnb.papers.diffsim_encoders import load_encoder
 
     monkeypatch.setenv("DIFFNB_STANDIN", "1")
     model = load_encoder(name)

@@ -14,8 +14,9 @@ from diffnb.inversion import ddim_invert, encode_image
 from diffnb.layers import resolution
 from diffnb.models import family, tiny_pipeline
 from diffnb.papers import emerdiff
-from diffnb.papers.emerdiff import (EmerDiffArgs, difference_maps, hungarian_miou, lowres_segments,
-                                    modulated_denoise, segment, upsample_labels)
+from diffnb.metrics import hungarian_miou
+from diffnb.papers.emerdiff import (EmerDiffArgs, difference_maps, lowres_segments, modulated_denoise, segment,
+                                    upsample_labels)
 
 LAYERS = dict(query_layer="up_blocks.1.attentions.0.transformer_blocks.0.attn2",
               modulate_layer="up_blocks.1.attentions.1.transformer_blocks.0.attn2")

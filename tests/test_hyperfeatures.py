@@ -9,7 +9,10 @@ import torch.nn.functional as F
 
 from diffnb.hooks import capture
 from diffnb.inversion import ddim_invert, unet_conditioning
+from diffnb.metrics import pck
 from diffnb.papers import hyperfeatures as hf
+from diffnb.papers.spair import spair_pairs
+from diffnb.toyworld.scoring import keypoint_pairs, write_spair_fixture
 from tests.conftest import gen
 
 torch.set_num_threads(1)
@@ -259,8 +262,8 @@ def test_low_memory_training_has_the_same_gradients_and_saves_less():
 def test_pck_counts_within_threshold():
     gt = np.array([[10.0, 10.0]] * 4)
     pred = gt + np.array([[0, 0], [3, 4], [5, 0.1], [0, 10]])
-    assert hf.pck(pred, gt, 5.0).tolist() == [True, True, False, False]
-    assert hf.pck(pred, gt, np.array([1, 1, 6, 10])).tolist() == [True, False, True, True]
+    assert pck(pred, gt, 5.0).tolist() == [True, True, False, False]
+    assert pck(pred, gt, np.array([1, 1, 6, 10])).tolist() == [True, False, True, True]
 
 
 def test_evaluate_on_hand_made_descriptors():
@@ -343,7 +346,7 @@ def test_concat_baseline_is_the_concatenation_and_never_materialises_it():
 
 
 def test_streamed_evaluation_equals_evaluation_on_all_features(tiny):
-    pairs = hf.toy_pairs(3, "heldout", size=32)
+    pairs = keypoint_pairs(3, "heldout", size=32)
     kw = dict(steps=[0, 1], num_inference_steps=2)
     whole = hf.pair_features(tiny, pairs, progress=False, **kw).features
     methods = {"layer": lambda f, p: hf.predict(hf.layer_descriptors(f, f.layers[-1], 1), p), "concat": hf.concat_predict}
@@ -376,9 +379,9 @@ def test_baseline_descriptors():
 
 # --- data -----------------------------------------------------------------------------------------------------------
 def test_toy_pairs():
-    pairs = hf.toy_pairs(6, "train", seed=1)
-    again = hf.toy_pairs(6, "train", seed=1)
-    other = hf.toy_pairs(6, "heldout", seed=1)
+    pairs = keypoint_pairs(6, "train", seed=1)
+    again = keypoint_pairs(6, "train", seed=1)
+    other = keypoint_pairs(6, "heldout", seed=1)
     assert all(np.array_equal(a.src_image, b.src_image) for a, b in zip(pairs, again))
     assert not any(np.array_equal(a.src_image, b.src_image) for a, b in zip(pairs, other))
     for p in pairs:
@@ -386,7 +389,7 @@ def test_toy_pairs():
         assert not np.array_equal(p.src_image, p.trg_image)
         for kps, box in ((p.src_kps, p.src_bbox), (p.trg_kps, p.trg_bbox)):
             assert (kps >= box[:2]).all() and (kps <= box[2:]).all() and 8 < (box[2:] - box[:2]).max() <= 64
-    dense = hf.toy_pairs(3, "train", seed=1, extra_points=10)
+    dense = keypoint_pairs(3, "train", seed=1, extra_points=10)
     for p, d in zip(pairs, dense):
         assert np.array_equal(p.src_image, d.src_image) and d.names[:len(p.names)] == p.names
         assert d.names[len(p.names):] == tuple(f"p{j}" for j in range(10))
@@ -417,39 +420,39 @@ def _write_spair(root, pairs):
 
 def test_spair_loader_on_a_synthetic_folder(tmp_path):
     _write_spair(tmp_path, [("cat", (80, 60)), ("dog", (90, 70)), ("cat", (40, 50))])
-    pairs = hf.spair_pairs(tmp_path, "test")
+    pairs = spair_pairs(tmp_path, "test")
     assert [p.category for p in pairs] == ["cat", "dog", "cat"]
     p = pairs[1]
     assert p.src_image.shape == (70, 90, 3) and p.names == ("3", "7")
     np.testing.assert_array_equal(p.trg_kps, [[12, 22], [33, 44]])
     np.testing.assert_array_equal(p.trg_bbox, [1, 2, 70, 80])
-    assert len(hf.spair_pairs(tmp_path, "test", category="cat")) == 2
-    assert len(hf.spair_pairs(tmp_path, "test", limit=1)) == 1
+    assert len(spair_pairs(tmp_path, "test", category="cat")) == 2
+    assert len(spair_pairs(tmp_path, "test", limit=1)) == 1
     with pytest.raises(ValueError, match="trn"):
-        hf.spair_pairs(tmp_path, "train")
+        spair_pairs(tmp_path, "train")
     with pytest.raises(FileNotFoundError):
-        hf.spair_pairs(tmp_path, "val")
+        spair_pairs(tmp_path, "val")
     bad = json.loads(next((tmp_path / "PairAnnotation" / "test").glob("*.json")).read_text())
     del bad["trg_bndbox"]
     (tmp_path / "PairAnnotation" / "test" / "zzz.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="trg_bndbox"):
-        hf.spair_pairs(tmp_path, "test")
+        spair_pairs(tmp_path, "test")
 
 
 def test_spair_fixture_is_read_by_the_real_loader(tmp_path):
-    hf.write_spair_fixture(tmp_path, 6, "trn", size=96)
-    hf.write_spair_fixture(tmp_path, 2, "test", size=96)
-    pairs, toy = hf.spair_pairs(tmp_path, "trn"), hf.toy_pairs(6, "train", size=96)
-    assert len(pairs) == 6 and len(hf.spair_pairs(tmp_path, "test")) == 2
+    write_spair_fixture(tmp_path, 6, "trn", size=96)
+    write_spair_fixture(tmp_path, 2, "test", size=96)
+    pairs, toy = spair_pairs(tmp_path, "trn"), keypoint_pairs(6, "train", size=96)
+    assert len(pairs) == 6 and len(spair_pairs(tmp_path, "test")) == 2
     for p, t in zip(pairs, toy):  # SPair's integer pixel keypoints, JPEG images of the same renders
         assert p.category == t.category and p.names == t.names and p.src_image.shape == (96, 96, 3)
         np.testing.assert_array_equal(p.src_kps, np.floor(t.src_kps))
         np.testing.assert_array_equal(p.trg_bbox, t.trg_bbox)
         assert np.abs(p.trg_image.astype(int) - t.trg_image).mean() < 8
-    shuffled = hf.spair_pairs(tmp_path, "trn", seed=0)
+    shuffled = spair_pairs(tmp_path, "trn", seed=0)
     assert sorted(p.names for p in shuffled) == sorted(p.names for p in pairs)
     assert [p.src_kps.tolist() for p in shuffled] != [p.src_kps.tolist() for p in pairs]
-    assert [p.src_kps.tolist() for p in hf.spair_pairs(tmp_path, "trn", seed=0, limit=3)] == \
+    assert [p.src_kps.tolist() for p in spair_pairs(tmp_path, "trn", seed=0, limit=3)] == \
         [p.src_kps.tolist() for p in shuffled[:3]]
 
 
@@ -499,9 +502,9 @@ def test_bad_inputs_name_what_is_allowed(tiny):
     with pytest.raises(ValueError, match="images"):
         hf.PairFeatures(data.pairs[:1], data.features)
     with pytest.raises(ValueError, match="allowed"):
-        hf.toy_pairs(1, classes=("circle",))
+        keypoint_pairs(1, classes=("circle",))
     with pytest.raises(ValueError, match="split"):
-        hf.toy_pairs(1, split="test")
+        keypoint_pairs(1, split="test")
     with pytest.raises(ValueError, match=r"\(K, 2\)"):
         hf.Pair(img[0], img[0], [[1, 2]], [[1, 2], [3, 4]], [0, 0, 1, 1], [0, 0, 1, 1])
     with pytest.raises(ValueError, match="inside the 32x32 image"):
@@ -519,7 +522,7 @@ def test_bad_inputs_name_what_is_allowed(tiny):
     with pytest.raises(ValueError, match="positive ints"):
         hf.official_steps(50, every=0)
     with pytest.raises(ValueError, match="trn"):
-        hf.write_spair_fixture("/nonexistent", 1, split="train")
+        write_spair_fixture("/nonexistent", 1, split="train")
     with pytest.raises(ValueError, match="count"):
         hf.spaced_steps(10, 0)
     assert hf.spaced_steps(50, 11)[0] == 0 and hf.spaced_steps(50, 11)[-1] == 49 and len(hf.spaced_steps(50, 11)) == 11

@@ -86,9 +86,9 @@ def test_premises_run_on_tiny_pipelines(tiny):
 
 
 def test_world_keypoint_pairs_match_v1_recipe():
-    from diffnb.papers.hyperfeatures import toy_pairs
+    from diffnb.toyworld.scoring import keypoint_pairs
 
-    a, b = premises.toy_keypoint_pairs(2, "heldout", seed=3), toy_pairs(2, "heldout", seed=3)
+    a, b = premises.toy_keypoint_pairs(2, "heldout", seed=3), keypoint_pairs(2, "heldout", seed=3)
     assert all(np.array_equal(x.src_image, y.src_image) and np.array_equal(x.trg_kps, y.trg_kps) for x, y in zip(a, b))
     tex = premises.toy_keypoint_pairs(2, "heldout", world="v2", seed=3, extra_points=5)
     for p in tex:

@@ -9,7 +9,7 @@ DiffSim-S (`diffsim_sweep`, `diffsim`): both images noised to timestep t, A and 
 draws (as the official code, whose one generator per call draws A's noise, then B's), one UNet call, AAS at
 self-attention layers. DiffSim-C (`diffsim_c`): the same at the IP-Adapter image cross-attention (A's latent
 queries vs the IP tokens of A and of B), with the adapter loaded for a block only (`ip_adapter`).
-CLIP-AAS / DINOv2-AAS (`vit_aas`): the same on a vision transformer (`load_encoder` gives the models).
+CLIP-AAS / DINOv2-AAS (`diffsim_encoders.vit_aas`): the same on a vision transformer (the baselines).
 The paper: shallow layers / high t score style, deep layers / low t score content (notebook 05 measures it).
 `DiffSimArgs.for_model` holds the official real-model setting (SD1.5: one layer at 16x16, t = 501); a sweep
 over layers and timesteps is the exploration around it.
@@ -22,12 +22,10 @@ over layers and timesteps is the exploration around it.
 from __future__ import annotations
 
 import math
-import os
 import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +36,7 @@ from ..hooks import capture
 from ..inversion import encode_image, from_tensor_image, to_tensor_image, unet_conditioning
 from ..layers import select
 from ..processors import AttentionProcessor, attention_names, patch_attention
+from ..standin_ip_adapter import IP_ADAPTERS, _standin, write_standin_ip_adapter
 
 
 def aligned_attention_score(q_a, k_a, v_a, k_b, v_b, own=None) -> torch.Tensor:
@@ -283,12 +282,6 @@ def aas_map(q, k, v) -> np.ndarray:
     return per_token.reshape(side, side).cpu().numpy()
 
 
-def two_afc(sim_positive, sim_negative) -> float:
-    """Fraction of triplets where the metric finds the positive more similar to the reference (ties count 0.5)."""
-    p, n = torch.as_tensor(sim_positive, dtype=torch.float64), torch.as_tensor(sim_negative, dtype=torch.float64)
-    return float(((p > n).double() + 0.5 * (p == n).double()).mean())
-
-
 def pixel_l2_similarity(images_a, images_b) -> torch.Tensor:
     """The pixel baseline: negative mean squared difference (higher = more similar)."""
     a, b = _check_images(images_a, images_b)
@@ -410,13 +403,8 @@ def diffsim_c(pipe, images_a, images_b, layer: str, timestep: int, prompt: str =
     return torch.cat(out)
 
 
-# The official DiffSim-C adapters: h94/IP-Adapter, IP-Adapter Plus (ViT-H image encoder), scale 0.5.
-IP_ADAPTERS = {
-    "sd15": dict(subfolder="models", weight_name="ip-adapter-plus_sd15.safetensors",
-                 image_encoder_folder="image_encoder"),
-    "sdxl": dict(subfolder="sdxl_models", weight_name="ip-adapter-plus_sdxl_vit-h.safetensors",
-                 image_encoder_folder="models/image_encoder"),
-}
+# The official DiffSim-C adapters (IP_ADAPTERS, with the stand-in writer): h94/IP-Adapter, IP-Adapter Plus
+# (ViT-H image encoder), scale 0.5.
 IP_ADAPTER_REPO = "h94/IP-Adapter"
 _PIPE_PARTS = ("image_encoder", "feature_extractor")
 
@@ -462,254 +450,3 @@ def ip_adapter(pipe, scale: float = 0.5, source: str | None = None, **load_kwarg
         pipe.register_modules(**parts)
         if tmp is not None:
             tmp.cleanup()
-
-
-# --- stand-ins: random weights, real classes and layouts, built offline (DIFFNB_STANDIN) -----------------------
-def _standin() -> str:
-    """'' normally; '1' (small stand-ins) or 'full' (real sizes) under DIFFNB_STANDIN (`diffnb.standin.mode`)."""
-    from ..standin import mode
-
-    return {None: "", "small": "1", "full": "full"}[mode()]
-
-
-# h94/IP-Adapter models/image_encoder (OpenCLIP ViT-H/14), written out; the small stand-in keeps patch and size.
-VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
-             image_size=224, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5)
-VIT_SMALL = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, patch_size=14,
-                 image_size=224, projection_dim=32)
-
-
-def ip_adapter_plus_state_dict(unet, clip_dim: int, hidden: int = 64, queries: int = 16, seed: int = 0) -> dict:
-    """Random IP-Adapter Plus weights under the h94 checkpoint's key names, for `unet`.
-
-    "image_proj.*": a 4-layer Perceiver Resampler (diffusers infers its sizes from these shapes: width `hidden`,
-    hidden // 64 heads, `queries` tokens, input `clip_dim`, output the UNet's cross-attention width);
-    "ip_adapter.{1,3,5,...}.to_{k,v}_ip.weight": one pair per cross-attention layer, in `attn_processors` order
-    (diffusers numbers attn1/attn2 alternately). Real sizes: SD1.5 hidden 768, SDXL 1280, clip_dim 1280, 16 queries.
-    """
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *shape, s=0.1: torch.randn(*shape, generator=g) * s  # noqa: E731
-    d, cross = hidden, unet.config.cross_attention_dim
-    sd = {"latents": rnd(1, queries, d, s=d ** -0.5), "proj_in.weight": rnd(d, clip_dim), "proj_in.bias": rnd(d),
-          "proj_out.weight": rnd(cross, d), "proj_out.bias": rnd(cross),
-          "norm_out.weight": 1 + rnd(cross), "norm_out.bias": rnd(cross)}
-    for i in range(4):  # layers.i.0: PerceiverAttention, layers.i.1: FeedForward (LayerNorm, Linear, GELU, Linear)
-        for norm in ("0.norm1", "0.norm2", "1.0"):
-            sd[f"layers.{i}.{norm}.weight"], sd[f"layers.{i}.{norm}.bias"] = 1 + rnd(d), rnd(d)
-        sd.update({f"layers.{i}.0.to_q.weight": rnd(d, d), f"layers.{i}.0.to_kv.weight": rnd(2 * d, d),
-                   f"layers.{i}.0.to_out.weight": rnd(d, d), f"layers.{i}.1.1.weight": rnd(4 * d, d),
-                   f"layers.{i}.1.3.weight": rnd(d, 4 * d)})
-    out = {"image_proj." + k: v for k, v in sd.items()}
-    key_id = 1
-    for name in unet.attn_processors:
-        if name.endswith("attn2.processor"):
-            attn = unet.get_submodule(name[: -len(".processor")])
-            for kv in ("k", "v"):
-                out[f"ip_adapter.{key_id}.to_{kv}_ip.weight"] = rnd(attn.to_k.out_features, cross, s=cross ** -0.5)
-            key_id += 2
-    return out
-
-
-def write_standin_ip_adapter(pipe, folder, full: bool = False, seed: int = 0) -> Path:
-    """A random IP-Adapter Plus for `pipe` and its CLIP image encoder, in h94/IP-Adapter's folder layout
-    (`IP_ADAPTERS[family]`), so `pipe.load_ip_adapter(folder, **IP_ADAPTERS[family])` loads it offline through
-    diffusers' own code. `full`: the real ViT-H encoder and Resampler sizes (GPU checks); else small ones."""
-    from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from ..models import family
-
-    fam = family(pipe)
-    spec = IP_ADAPTERS[fam]
-    folder = Path(folder)
-    torch.manual_seed(seed)
-    vit = VIT_H if full else VIT_SMALL
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vit))
-    enc_dir = folder / (spec["image_encoder_folder"] if "/" in spec["image_encoder_folder"]
-                        else Path(spec["subfolder"], spec["image_encoder_folder"]))
-    encoder.save_pretrained(enc_dir)
-    hidden = (1280 if fam == "sdxl" else 768) if full else 64
-    weights = folder / spec["subfolder"] / spec["weight_name"]
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    save_file(ip_adapter_plus_state_dict(pipe.unet, vit["hidden_size"], hidden, seed=seed), str(weights))
-    return folder
-
-
-# Real configs of the two encoders notebook 05 scores with (openai/clip-vit-base-patch32, facebook/dinov2-small).
-ENCODER_CONFIGS = {
-    "clip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=32,
-                 image_size=224, projection_dim=512, hidden_act="quick_gelu"),
-    "dinov2-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
-                         image_size=518, layerscale_value=1.0),
-}
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
-
-
-def load_encoder(name: str, device=None, dtype=None):
-    """The vision encoder `vit_aas` scores with, in eval mode: "clip" (CLIPVisionModel of
-    openai/clip-vit-base-patch32) or "dinov2-small" (Dinov2Model of facebook/dinov2-small), from the hub, or
-    under DIFFNB_STANDIN random weights of the same class (real patch and image size; small widths unless
-    DIFFNB_STANDIN=full), built offline."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
-
-    from ..models import REGISTRY
-
-    classes = {"clip": (CLIPVisionModel, CLIPVisionConfig), "dinov2-small": (Dinov2Model, Dinov2Config)}
-    if name not in classes:
-        raise ValueError(f"unknown encoder {name!r}; allowed: {sorted(classes)}")
-    cls, config = classes[name]
-    mode = _standin()
-    if mode:
-        torch.manual_seed(0)
-        cfg = dict(ENCODER_CONFIGS[name])
-        if mode != "full":
-            cfg.update(SMALL, **({"intermediate_size": 37} if name == "clip" else {"mlp_ratio": 2}))
-        model = cls(config(**cfg))
-    else:
-        model = cls.from_pretrained(REGISTRY[name].source)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-# --- CLIP-AAS and DINOv2-AAS: the same score on a vision transformer --------------------------------------
-# model_type -> (mean, std) the encoder was trained with
-NORMS = {
-    "clip_vision_model": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))  # transformers 5.x / older DINOv2 names
-ALLOWED = "CLIPVisionModel, CLIPVisionModelWithProjection or a DINOv2 model (Dinov2Model)"
-
-
-def _model_type(model) -> str:
-    kind = getattr(getattr(model, "config", None), "model_type", None)
-    if not isinstance(model, torch.nn.Module) or kind not in NORMS:
-        hint = " (for a full CLIPModel pass model.vision_model)" if kind == "clip" else ""
-        raise TypeError(f"vit_aas needs {ALLOWED}; got {type(model).__name__} (model_type {kind!r}){hint}")
-    return kind
-
-
-def _qkv(module):
-    """The q/k/v child names of an attention module, or None when it is not one."""
-    for names in QKV:
-        if all(isinstance(getattr(module, n, None), torch.nn.Linear) for n in names):
-            return names
-    return None
-
-
-def vit_attention_layers(model) -> list[str]:
-    """Dotted names of the self-attention modules (those owning q/k/v projections), in forward order."""
-    _model_type(model)
-    return [name for name, m in model.named_modules() if name and _qkv(m)]
-
-
-def _pixels(images, size: int, mean, std) -> torch.Tensor:
-    """Any image `diffnb.images.to_tensor_image` reads (PIL, uint8 arrays, float tensors in [-1, 1], ...), or a
-    list of them -> the batch normalized with the encoder's mean and std.
-
-    A plain squash-resize to the model's size (no centre crop), so no image-processor dependency is needed;
-    pass `image_processor=` for the exact Hugging Face preprocessing.
-    """
-    if isinstance(images, (list, tuple)):
-        if not images:
-            raise ValueError("got an empty list of images")
-        return torch.cat([_pixels(im, size, mean, std) for im in images])
-    x = (to_tensor_image(images).float() + 1) / 2
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-
-
-@contextmanager
-def _eval(model):
-    """Eval mode for the call only: dropout would make the score random."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
-def vit_aas(model, images_a, images_b, layer: str, image_processor=None, size: int | None = None) -> torch.Tensor:
-    """Symmetric AAS (A reading B's keys/values and back, averaged) per pair (images_a[i], images_b[i]): (n,).
-
-    `layer` is a dotted name or glob from `vit_attention_layers` (several matches are averaged), never a
-    position, so a sweep stays readable. A and B go through the model in one batch; q/k/v are the outputs of
-    the layer's projection Linears, captured by hooks (removed even if the forward raises). These are the
-    q/k/v the model really attends with; the official DiffSim CLIP code instead projects the layer input
-    taken before layer_norm1, which we deliberately do not copy.
-    """
-    kind = _model_type(model)
-    if not isinstance(layer, str):
-        raise TypeError(f"layer must be a dotted name or glob pattern (str), not {type(layer).__name__}; "
-                        f"see vit_attention_layers(model)")
-    names = vit_attention_layers(model)
-    try:
-        chosen = select(names, layer)
-    except ValueError:
-        raise ValueError(f"layer {layer!r} matches no self-attention layer; layers: {names[:2]} ... "
-                         f"{names[-1:]} ({len(names)} in all)") from None
-    cfg = model.config
-    size = size or (cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0])
-    if image_processor is not None:
-        prep = lambda ims: image_processor(images=ims, return_tensors="pt").pixel_values  # noqa: E731
-    else:
-        prep = lambda ims: _pixels(ims, size, *NORMS[kind])  # noqa: E731
-    a, b = prep(images_a), prep(images_b)
-    if a.shape != b.shape:
-        raise ValueError(f"images_a and images_b must hold the same number of images (pairs), "
-                         f"got batches of shape {tuple(a.shape)} and {tuple(b.shape)}")
-    p = next(model.parameters())
-    pixels = torch.cat([a, b]).to(p.device, p.dtype)
-    kwargs = {"interpolate_pos_encoding": size != cfg.image_size} if kind == "clip_vision_model" else {}
-    projs = [f"{n}.{c}" for n in chosen for c in _qkv(model.get_submodule(n))]
-    with _eval(model), capture(model, projs, offload=None) as cache:
-        model(pixel_values=pixels, **kwargs)
-    scores = []
-    for n in chosen:
-        attn = model.get_submodule(n)
-        heads = getattr(attn, "num_heads", None) or attn.num_attention_heads
-        q, k, v = (cache.get(f"{n}.{c}") for c in _qkv(attn))  # (2n, tokens, heads * d)
-        q, k, v = (x.unflatten(-1, (heads, -1)).transpose(1, 2) for x in (q, k, v))
-        scores.append(symmetric_aas(q, k, v, pairs=len(a)))
-    return torch.stack(scores).mean(0).cpu()
-
-
-# --- the toy world's ground truth: style = background pattern, content = shape class -------------------------
-def toy_triplets(kind: str, n: int, split: str = "heldout", seed: int = 0):
-    """(reference, positive, negative) uint8 image stacks of shape (n, 64, 64, 3) with known answers.
-
-    The negative is always an edit of the reference scene (same layout, one attribute changed), so it is the
-    closer image pixel by pixel; the positive shares the attribute under test but is laid out anew.
-    style:   positive = the reference's background pattern behind another object; negative = the reference
-             itself with another background pattern (its content points the wrong way).
-    content: positive = the reference's object (shape, colour, detail) in a new pose on a new background of the
-             same pattern; negative = the reference with another object (shape and colour) in the same pose.
-    shape:   as content, but the positive's colour is drawn anew and the negative keeps the reference's colour:
-             only the shape class tells them apart.
-    """
-    from dataclasses import replace
-
-    from ..toyworld.data import scene_rng
-    from ..toyworld.world import BACKGROUNDS, COLORS, DETAILS, SHAPES, random_scene, render
-
-    kinds = ("style", "content", "shape")
-    if kind not in kinds:
-        raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
-    out = []
-    for i in range(n):
-        rng = scene_rng(split, 10_000 * (1 + seed) + i)
-        pick = lambda values, k: [str(v) for v in rng.choice(values, k, replace=False)]
-        (s0, s1), (c0, c1), (b0, b1), d0 = pick(SHAPES, 2), pick(list(COLORS), 2), pick(BACKGROUNDS, 2), pick(DETAILS, 1)[0]
-        ref = random_scene(rng, n_objects=1, shape=s0, color=c0, detail=d0, background=b0)
-        obj = ref.objects[0]
-        if kind == "style":
-            pos = random_scene(rng, n_objects=1, shape=s1, color=c1, background=b0)
-            neg = replace(ref, background=b1)
-        else:
-            pos = random_scene(rng, n_objects=1, shape=s0, background=b0,
-                               **(dict(color=c0, detail=d0) if kind == "content" else {}))
-            neg = replace(ref, objects=[replace(obj, shape=s1, color=c1 if kind == "content" else c0)])
-        out.append([render(s).image for s in (ref, pos, neg)])
-    return tuple(np.stack(x) for x in zip(*out))

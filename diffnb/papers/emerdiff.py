@@ -308,19 +308,3 @@ def upsample_labels(lowres: np.ndarray, size: int | tuple[int, int], n_segments:
     size = (size, size) if isinstance(size, int) else tuple(size)
     one_hot = F.one_hot(torch.as_tensor(lowres).long(), n_segments).permute(2, 0, 1)[None].float()
     return F.interpolate(one_hot, size=size, mode="bilinear", align_corners=False)[0].argmax(0).numpy()
-
-
-def hungarian_miou(labels: np.ndarray, masks: np.ndarray) -> float:
-    """mIoU over the ground-truth segments after one-to-one Hungarian matching of predicted segments to them
-    (unmatched predicted segments count as wrong). labels: (H, W) ints; masks: (C, H, W) bool."""
-    from scipy.optimize import linear_sum_assignment
-
-    k = int(labels.max()) + 1
-    pred = np.stack([labels == i for i in range(k)])
-    inter = np.einsum("khw,chw->kc", pred.astype(np.int64), masks.astype(np.int64))
-    union = pred.sum((1, 2))[:, None] + masks.sum((1, 2))[None] - inter
-    iou = inter / np.maximum(union, 1)
-    rows, cols = linear_sum_assignment(-iou)
-    per_class = np.zeros(masks.shape[0])
-    per_class[cols] = iou[rows, cols]
-    return float(per_class.mean())

@@ -5,7 +5,7 @@ of 50) go through a per-layer bottleneck shared across timesteps, to one size an
 over (timestep, layer) sum them. Training (official): each source keypoint's descriptor against every position of the
 target's descriptor grid, CLIP-style cross-entropy both ways, logit scale log(1/0.07) fixed; one pair a step, 5,000.
 
-    data = pair_features(pipe, spair_pairs(root, "trn", limit=24), steps=[0, 4, 9, ..., 49], size=64)
+    data = pair_features(pipe, spair_pairs(root, "trn", limit=24), steps=[0, 4, 9, ..., 49], size=64)  # .spair
     net = AggregationNetwork.for_features(data.features, projection_dim=384, output_size=64).to(pipe.device)
     train_aggregator(net, data, steps=5000)
     evaluate(describe(net, test.features), test.pairs)   # {"pck_img": ..., "pck_bbox": ..., "n": ...}
@@ -21,10 +21,8 @@ Keypoints are continuous pixel coordinates (x, y): pixel (row r, col c) spans [c
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +34,7 @@ from tqdm.auto import tqdm
 from ..hooks import capture
 from ..inversion import ddim_invert, to_tensor_image
 from ..layers import select_many
+from ..metrics import pck
 from ..viz import to_uint8
 
 LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature; fixed (not learned) in the official training
@@ -389,11 +388,6 @@ def _argmax_xy(sim: torch.Tensor) -> np.ndarray:
     return np.stack([(best % w).numpy() + 0.5, (best // w).numpy() + 0.5], axis=1)
 
 
-def pck(pred, gt, threshold) -> np.ndarray:
-    """Per keypoint: is the prediction within `threshold` pixels (scalar or per keypoint) of the truth?"""
-    return np.linalg.norm(np.asarray(pred, float) - np.asarray(gt, float), axis=-1) <= threshold
-
-
 def predict(descriptors, pairs) -> list[np.ndarray]:
     """`match_keypoints` of every pair; `descriptors[2i]`, `[2i+1]`: (D, h, w) maps of pair i's source and target."""
     if len(descriptors) != 2 * len(pairs):
@@ -474,110 +468,3 @@ def sweep_layers(data: PairFeatures, alpha: float = 0.1) -> dict[tuple[str, int]
     """PCK@alpha (bbox) of every single raw (layer, step): pick the best on a training split."""
     return {(layer, s): evaluate(layer_descriptors(data.features, layer, s), data.pairs, alpha)["pck_bbox"]
             for layer in data.features.layers for s in data.features.steps}
-
-
-# --- data -----------------------------------------------------------------------------------------------------
-def toy_pairs(n: int, split: str = "train", seed: int = 0, classes=("heart", "triangle"),
-              max_angle: float = math.pi / 4, min_keypoints: int = 2, extra_points: int = 0,
-              size: int | None = None, world: str = "v1") -> list[Pair]:
-    """Pairs of toy renders of one keypoint class with different pose (rotation within +-max_angle each),
-    scale, position, colour and background; the keypoints visible in both, matched by name; boxes from masks.
-    `classes` may be any of the renderer's keypoint classes (heart, moon, triangle).
-    `extra_points` adds that many random matched object points ("p0", ...; same images): more supervision a pair
-    (ours; the toy world knows both poses). `size` renders the same scenes larger; `world` picks a world variant."""
-    from ..toyworld.data import SPLITS, scene_rng
-    from ..toyworld.world import BACKGROUNDS, COLORS, IMAGE_SIZE, KEYPOINTS, inside_shape, random_scene, render, to_pixels
-
-    scene_rng(split, 0)  # validates the split name
-    if bad := [c for c in classes if c not in KEYPOINTS]:
-        raise ValueError(f"classes {bad} have no keypoints; allowed: {sorted(KEYPOINTS)}")
-    pairs = []
-    for i in range(n):
-        rng = np.random.default_rng([SPLITS[split], 7919, seed, i])  # apart from the model's training scenes [0, i]
-        shape = classes[i % len(classes)]
-        for _ in range(100):
-            colors, bgs = rng.permutation(list(COLORS))[:2], rng.permutation(list(BACKGROUNDS))[:2]
-            r = [render(random_scene(rng, 1, size=size or IMAGE_SIZE, world=world, shape=shape, color=str(c),
-                                     background=str(b), angle=rng.uniform(-max_angle, max_angle))) for c, b in zip(colors, bgs)]
-            names = tuple(k for k, (_, _, v) in r[0].keypoints[0].items() if v and r[1].keypoints[0][k][2])
-            if len(names) >= min_keypoints:
-                break
-        else:
-            raise RuntimeError(f"no pair with {min_keypoints} visible keypoints for {shape}")
-        kps = [np.array([r[j].keypoints[0][k][:2] for k in names]) for j in (0, 1)]
-        if extra_points:  # object-frame points mapped through both poses, kept where both renders show the object
-            uv = np.random.default_rng([SPLITS[split], 7919, seed, i, 1]).uniform(-1, 1, (40 * extra_points, 2))
-            uv = uv[inside_shape(shape, uv[:, 0], uv[:, 1])]
-            xy = [np.stack(to_pixels(r[j].scene.objects[0], uv[:, 0], uv[:, 1]), 1) for j in (0, 1)]
-            ok = np.ones(len(uv), bool)
-            for j in (0, 1):
-                c, side = np.floor(xy[j]).astype(int), r[j].image.shape[0]
-                ok &= ((c >= 0) & (c < side)).all(1) & r[j].masks[0][c[:, 1].clip(0, side - 1), c[:, 0].clip(0, side - 1)]
-            xy = [x[ok][:extra_points] for x in xy]
-            kps = [np.concatenate([k, x]) for k, x in zip(kps, xy)]
-            names = names + tuple(f"p{j}" for j in range(len(xy[0])))
-        boxes = []
-        for j in (0, 1):
-            ys, xs = np.nonzero(r[j].masks[0])
-            boxes.append(np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float))
-        pairs.append(Pair(r[0].image, r[1].image, kps[0], kps[1], boxes[0], boxes[1], shape, names))
-    return pairs
-
-
-SPAIR_SPLITS = ("trn", "val", "test")
-SPAIR_FIELDS = ("src_imname", "trg_imname", "src_kps", "trg_kps", "src_bndbox", "trg_bndbox", "category")
-
-
-def spair_pairs(root, split: str = "test", category: str | None = None, limit: int | None = None,
-                seed: int | None = None) -> list[Pair]:
-    """SPair-71k: root/PairAnnotation/<split>/*.json and root/JPEGImages/<category>/<imname>. Boxes are
-    (xmin, ymin, xmax, ymax); keypoints are integer pixel indices, read as is (half a pixel off our convention).
-    Files are read in name order (category by category); `seed` shuffles them first, as the official trainer
-    permutes its pairs, so that `limit` draws from every category."""
-    from PIL import Image
-
-    if split not in SPAIR_SPLITS:
-        raise ValueError(f"split must be one of {SPAIR_SPLITS}, got {split!r}")
-    folder = Path(root) / "PairAnnotation" / split
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} not found: expected SPair-71k's PairAnnotation/<split>/*.json layout")
-    load = lambda cat, name: np.array(Image.open(Path(root) / "JPEGImages" / cat / name).convert("RGB"))
-    pairs = []
-    files = sorted(folder.glob("*.json"))
-    if seed is not None:
-        files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
-    for f in files:
-        d = json.loads(f.read_text())
-        if missing := [k for k in SPAIR_FIELDS if k not in d]:
-            raise ValueError(f"{f.name} lacks {missing}; SPair pair annotations have {SPAIR_FIELDS}")
-        if category is not None and d["category"] != category:
-            continue
-        names = tuple(str(k) for k in d.get("kps_ids", range(len(d["src_kps"]))))
-        pairs.append(Pair(load(d["category"], d["src_imname"]), load(d["category"], d["trg_imname"]), d["src_kps"],
-                          d["trg_kps"], d["src_bndbox"], d["trg_bndbox"], d["category"], names))
-        if limit is not None and len(pairs) >= limit:
-            break
-    return pairs
-
-
-def write_spair_fixture(root, n: int, split: str = "test", size: int = 128, seed: int = 0) -> Path:
-    """`n` toy pairs written in SPair-71k's layout (JPEGImages/<category>/*.jpg, PairAnnotation/<split>/*.json with
-    integer pixel keypoints, as SPair's) for `spair_pairs`: with no SPair folder, the real loader's path still runs."""
-    from PIL import Image
-
-    if split not in SPAIR_SPLITS:
-        raise ValueError(f"split must be one of {SPAIR_SPLITS}, got {split!r}")
-    root = Path(root)
-    (root / "PairAnnotation" / split).mkdir(parents=True, exist_ok=True)
-    for i, p in enumerate(toy_pairs(n, "train" if split == "trn" else "heldout", seed=seed, size=size)):
-        (root / "JPEGImages" / p.category).mkdir(parents=True, exist_ok=True)
-        names = [f"{split}_{seed}_{i:05d}_{side}.jpg" for side in "st"]
-        for name, im in zip(names, (p.src_image, p.trg_image)):
-            Image.fromarray(im).save(root / "JPEGImages" / p.category / name, quality=95)
-        ann = {"pair_id": i, "category": p.category, "src_imname": names[0], "trg_imname": names[1],
-               "src_imsize": [size, size, 3], "trg_imsize": [size, size, 3], "kps_ids": list(p.names),
-               "src_kps": np.floor(p.src_kps).astype(int).tolist(), "trg_kps": np.floor(p.trg_kps).astype(int).tolist(),
-               "src_bndbox": p.src_bbox.astype(int).tolist(), "trg_bndbox": p.trg_bbox.astype(int).tolist()}
-        (root / "PairAnnotation" / split / f"{i:06d}-{names[0][:-4]}-{names[1][:-4]}:{p.category}.json").write_text(
-            json.dumps(ann))
-    return root

@@ -268,23 +268,3 @@ def transfer(pipe, image, reference_prompt: str, prompts: list[str], style: str 
     texts = [reference_prompt] + style_prompts(prompts, style if args.append_style else None)
     return generate(pipe, texts, reference=inv, args=args.attention, guidance_scale=args.guidance_scale,
                     generator=generator, reference_offset=args.offset, **kwargs)
-
-
-def toy_scores(images, prompt_shapes, probes) -> dict[str, float]:
-    """Probe-measured effect on toy sets. images: (sets, n, H, W, 3) uint8; prompt_shapes: (sets, n) names.
-
-    style agreement: share of non-reference images whose background style equals the reference's;
-    shape accuracy: share of images whose shape is the one their prompt names;
-    content leak: share of non-reference images that took the reference's shape instead of their own.
-    """
-    import numpy as np
-
-    images = np.asarray(images)
-    sets, n = images.shape[:2]
-    pred = probes.predict(images.reshape(sets * n, *images.shape[2:]))
-    bg = np.array(pred["background"]).reshape(sets, n)
-    shape = np.array(pred["shape"]).reshape(sets, n)
-    want = np.array(prompt_shapes)
-    return {"style_agreement": float((bg[:, 1:] == bg[:, :1]).mean()),
-            "shape_accuracy": float((shape == want).mean()),
-            "content_leak": float((shape[:, 1:] == want[:, :1]).mean())}
