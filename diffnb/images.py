@@ -24,7 +24,8 @@ warning, or `(0, 1)` if that is what it is.
 
 Rejected with a clear error: other PIL modes (RGBA, LA, P, CMYK, I, F: convert them yourself, e.g.
 `image.convert("RGB")`, which drops alpha), grayscale or 2 / 4 channel arrays and tensors (repeat a grayscale array
-to 3 channels yourself), numpy arrays channels-first, tensors channels-last, other dtypes (bool, int32, ...).
+to 3 channels yourself, or pass `grayscale=True`), numpy arrays channels-first, tensors channels-last, other dtypes
+(bool, int32, ...).
 PIL's "L" is converted because its mode says what it is; a 2-D array may as well be a mask or a heat map.
 
 Layout and normalisation go through diffusers' `VaeImageProcessor` (the same conversions its pipelines use).
@@ -115,7 +116,8 @@ def _check_channels_last(shape, what: str):
             raise ValueError(f"{what} must be channels-last (H, W, 3), got shape {tuple(shape)}: it looks channels-"
                              f"first; transpose it (x.transpose(1, 2, 0), or (0, 2, 3, 1) for a batch)")
         raise ValueError(f"{what} must have 3 (RGB) channels last, got shape {tuple(shape)}"
-                         f"{' (grayscale? repeat it to 3 channels)' if shape[-1] == 1 else ''}")
+                         f"{' (grayscale? repeat it to 3 channels)' if shape[-1] == 1 else ''}"
+                         f"{' (drop an alpha channel first: x[..., :3])' if shape[-1] == 4 else ''}")
 
 
 def _check_channels_first(shape, what: str):
@@ -178,17 +180,35 @@ def _own(x: np.ndarray) -> np.ndarray:
     return np.require(x, requirements=["C", "W"])
 
 
-def to_tensor_image(image, size: int | None = None, value_range=None) -> torch.Tensor:
+def _gray_to_rgb(image):
+    """A one-channel array ((H, W), (H, W, 1), (B, H, W, 1)) or tensor ((H, W), (1, H, W), (B, 1, H, W)) repeated to
+    3 channels; anything else as it is."""
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            return np.repeat(image[..., None], 3, -1)
+        if image.ndim in (3, 4) and image.shape[-1] == 1:
+            return np.repeat(image, 3, -1)
+    elif torch.is_tensor(image):
+        if image.ndim == 2:
+            return image[None].expand(3, -1, -1)
+        if image.ndim in (3, 4) and image.shape[-3] == 1:
+            return image.expand(*image.shape[:-3], 3, *image.shape[-2:])
+    return image
+
+
+def to_tensor_image(image, size: int | None = None, value_range=None, grayscale: bool = False) -> torch.Tensor:
     """Any accepted image (see the module docstring), or a list of same-sized ones -> (B, 3, H, W) float in [-1, 1].
 
     uint8 / PIL / numpy inputs give float32 on the CPU; float tensors keep their dtype and device. `size` resizes to
-    size x size (PIL: bicubic in PIL; arrays and tensors: bicubic with antialiasing).
+    size x size (PIL: bicubic in PIL; arrays and tensors: bicubic with antialiasing). `grayscale=True` also takes
+    one-channel arrays ((H, W), (H, W, 1)) and tensors ((H, W), (1, H, W)) as grayscale images, repeated to RGB:
+    for callers that know their input is an image (a 2-D array may as well be a mask, so the default refuses it).
     """
     V = _vae_processor()
     if isinstance(image, (list, tuple)):
         if not image:
             raise ValueError("got an empty list of images")
-        items = [to_tensor_image(im, size, value_range) for im in image]
+        items = [to_tensor_image(im, size, value_range, grayscale) for im in image]
         shapes = {tuple(t.shape[1:]) for t in items}
         if len(shapes) > 1:
             raise ValueError(f"images in a list must have the same size, got {sorted(shapes)}: pass size=")
@@ -202,7 +222,7 @@ def to_tensor_image(image, size: int | None = None, value_range=None) -> torch.T
             _pil_to_uint8(image)  # raises the mode error
         image = image.resize((size, size), Image.BICUBIC)
         size = None
-    kind, x, (lo, hi), _ = _parse(image, value_range)
+    kind, x, (lo, hi), _ = _parse(_gray_to_rgb(image) if grayscale else image, value_range)
     if kind == "uint8":
         x = V.normalize(V.numpy_to_pt(_own(x)).float().div(255))
     elif kind == "uint8t":

@@ -250,10 +250,11 @@ def test_non_square_images(sd15):
 @pytest.mark.parametrize("bad, error, phrase", [
     (np.zeros((62, 64, 3), np.uint8), ValueError, "multiples of 4 px"),
     (np.zeros((64, 64, 4), np.uint8), ValueError, "alpha"),
-    (np.zeros((64, 64, 3), np.float32), TypeError, "uint8"),
-    (torch.full((3, 64, 64), 200.0), ValueError, "pass it as uint8"),
-    (torch.zeros(2, 3, 64, 64), ValueError, "one image"),
-    (torch.zeros(3, 64, 64, dtype=torch.int64), TypeError, "uint8 or float"),
+    (np.full((64, 64, 3), 200, np.float32), ValueError, "pass a uint8 image"),  # float arrays are [0, 1]
+    (torch.full((3, 64, 64), 200.0), ValueError, "pass a uint8 image"),
+    (torch.zeros(2, 3, 64, 64, dtype=torch.uint8), ValueError, "one image"),
+    (torch.zeros(3, 64, 64, dtype=torch.int64), TypeError, "must be uint8"),
+    (np.zeros((64, 64, 2), np.uint8), ValueError, "3 \\(RGB\\) channels"),
     ("image.png", TypeError, "PIL image"),
 ])
 def test_bad_images_are_named(sd15, bad, error, phrase):

@@ -14,9 +14,10 @@ rebuilds the image, and every run gets the same noise) or by DDIM inversion (`in
 With attention injection every modulated run reuses the unmodulated run's attention maps, so only the offset
 differs. All 2K runs plus the unmodulated one share one UNet batch (item 0 is the unmodulated run); they are decoded
 in chunks of `decode_batch_size` (41 images at 512² in fp16 at once need ≈ 23 GiB).
-Images: PIL, uint8 numpy (H, W, 3) or grayscale (H, W), uint8 or float torch (3, H, W) / (1, 3, H, W), float
-tensors in [-1, 1] (the package's convention); any size whose sides are multiples of the UNet's total
-downsampling (64 px on SD), not only square ones.
+Images: one image in any form `diffnb.images.to_tensor_image` reads (PIL, uint8 or [0, 1] float numpy (H, W, 3),
+uint8 or [-1, 1] float torch (3, H, W) / (1, 3, H, W)), or a grayscale one ((H, W), (H, W, 1), (1, H, W)) taken
+as its RGB stack; any size whose sides are multiples of the UNet's total downsampling (64 px on SD), not only
+square ones.
 
     result = segment(pipe, image, EmerDiffArgs.for_model("toy"))
     result.labels      # (H, W) pixel labels;  result.lowres  # (h, w) k-means labels
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..hooks import capture
+from ..images import to_tensor_image
 from ..inversion import ddim_invert, ddpm_invert, decode_latents, encode_image, unet_conditioning
 from ..layers import resolution, select
 from ..processors import AttentionProcessor, RunState, attention_names, patch_attention, track_steps
@@ -238,12 +240,16 @@ def segment(pipe, image, args: EmerDiffArgs | None = None, batched: bool = True,
     if not isinstance(args, EmerDiffArgs):
         raise TypeError(f"args must be EmerDiffArgs, got {type(args).__name__}")
     start = time.perf_counter()
-    image = _as_image(image)
+    image = to_tensor_image(image, grayscale=True)
+    if image.shape[0] != 1:
+        raise ValueError(f"segment takes one image, got a batch of {image.shape[0]}")
     step = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     if image.shape[-2] % step or image.shape[-1] % step:
         raise ValueError(f"image is {image.shape[-1]}×{image.shape[-2]} px (W×H); this model needs both sides to be "
                          f"multiples of {step} px (VAE ×{pipe.vae_scale_factor} times the UNet's downsampling)")
-    z0 = encode_image(pipe, image)
+    with warnings.catch_warnings():  # its range was checked (and any warning given) by to_tensor_image above
+        warnings.filterwarnings("ignore", message=r".* is read in \[-1, 1\]", category=UserWarning)
+        z0 = encode_image(pipe, image)
     ts, i_m = _start(pipe, args)
     if args.inversion == "ddpm":
         inv = ddpm_invert(pipe, z0, args.num_inference_steps, start_at=ts[i_m], seed=args.seed)
@@ -263,45 +269,7 @@ def segment(pipe, image, args: EmerDiffArgs | None = None, batched: bool = True,
     return Segmentation(lowres, diffs, diffs.argmax(0), shown, time.perf_counter() - start, ts[i_m])
 
 
-def _as_image(image) -> torch.Tensor:
-    """One image -> (1, 3, H, W): uint8, or float in [-1, 1] (the package's tensor convention, as `encode_image`
-    reads them); grayscale -> RGB."""
-    from PIL import Image
-
-    shape = tuple(getattr(image, "shape", ()))
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise TypeError(f"a numpy image must be uint8 (H, W, 3) or grayscale (H, W), got dtype {image.dtype}; "
-                            "pass floats as a torch tensor (3, H, W) in [-1, 1]")
-        if image.ndim not in (2, 3, 4):
-            raise ValueError(f"a numpy image must be (H, W, 3) or grayscale (H, W), got shape {image.shape}")
-        image = torch.from_numpy(np.ascontiguousarray(image))
-        image = image[..., None] if image.ndim == 2 else image
-        image = image.movedim(-1, -3)  # HWC -> CHW
-    if not torch.is_tensor(image):
-        raise TypeError(f"image must be a PIL image, a uint8 numpy array or a torch tensor, got {type(image).__name__}")
-    image = image[None] if image.ndim == 2 else image  # a grayscale (H, W) tensor
-    image = image[None] if image.ndim == 3 else image
-    if image.ndim != 4 or image.shape[0] != 1:
-        raise ValueError(f"segment takes one image, got shape {shape}")
-    if image.shape[1] not in (1, 3):
-        raise ValueError(f"expected an RGB (3 channels) or grayscale (1) image, got shape {shape} "
-                         "(drop an alpha channel first; torch images are channels-first)")
-    image = image.expand(-1, 3, -1, -1).contiguous()
-    if image.dtype == torch.uint8:
-        return image
-    if not image.is_floating_point():
-        raise TypeError(f"a torch image must be uint8 or float, got {image.dtype}")
-    lo, hi = float(image.min()), float(image.max())
-    if lo < -1.001 or hi > 1.001:
-        raise ValueError(f"a float image tensor must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; "
-                         "0..255 data: pass it as uint8")
-    return image.clamp(-1, 1)
-
-
-# --- evaluation ----------------------------------------------------------------------------------------------
+# --- the baseline --------------------------------------------------------------------------------------------
 def upsample_labels(lowres: np.ndarray, size: int | tuple[int, int], n_segments: int) -> np.ndarray:
     """The baseline: low-res labels to full size (side, or (H, W)) by bilinear upsampling of their one-hot maps,
     then argmax."""
