@@ -19,10 +19,11 @@ IP_ADAPTERS = {
 
 
 def _standin() -> str:
-    """'' normally; '1' (small stand-ins) or 'full' (real sizes) under DIFFNB_STANDIN (`diffnb.standin.mode`)."""
+    """'' normally; '1' (small stand-ins) or 'full' (real sizes) under DIFFNB_STANDIN (`diffnb.standin.mode`). The
+    count mode takes the small ones: it tallies UNet and VAE work, and image encoders are not part of the tally."""
     from .standin import mode
 
-    return {None: "", "small": "1", "full": "full"}[mode()]
+    return {None: "", "small": "1", "count": "1", "full": "full"}[mode()]
 
 
 # h94/IP-Adapter models/image_encoder (OpenCLIP ViT-H/14), written out; the small stand-in keeps patch and size.
