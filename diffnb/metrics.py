@@ -135,6 +135,19 @@ def hungarian_miou(labels: np.ndarray, masks: np.ndarray) -> float:
     return float(per_class.mean())
 
 
+def overlap_miou(labels: np.ndarray, masks: np.ndarray) -> float:
+    """mIoU over the ground-truth segments when more segments are predicted than there are regions (EmerDiff's
+    over-segmented protocol): each predicted segment joins the ground-truth region it overlaps most, then the joined
+    segments are scored against the regions. labels: (H, W) ints; masks: (C, H, W) bool, a partition."""
+    labels, masks = np.asarray(labels), np.asarray(masks, bool)
+    if labels.shape != masks.shape[1:]:
+        raise ValueError(f"labels {labels.shape} and masks {masks.shape[1:]} differ in size")
+    k = int(labels.max()) + 1
+    inter = np.einsum("khw,chw->kc", np.stack([labels == i for i in range(k)]).astype(np.int64), masks.astype(np.int64))
+    joined = inter.argmax(1)[labels]  # every pixel takes its segment's region
+    return float(np.mean([(m & (joined == c)).sum() / max((m | (joined == c)).sum(), 1) for c, m in enumerate(masks)]))
+
+
 def two_afc(sim_positive, sim_negative) -> float:
     """Fraction of triplets where the metric finds the positive more similar to the reference (ties count 0.5)."""
     p, n = torch.as_tensor(sim_positive, dtype=torch.float64), torch.as_tensor(sim_negative, dtype=torch.float64)
