@@ -19,7 +19,7 @@ import torch
 
 from diffnb.bench import save_result
 from diffnb.models import load_pipeline
-from diffnb.papers import hyperfeatures as hf
+from diffnb.papers import hyperfeatures as hf, hyperfeatures_eval as hfe, hyperfeatures_train as hft
 from diffnb.toyworld.scoring import keypoint_pairs
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -29,7 +29,7 @@ def train(data, args):
     torch.manual_seed(args.seed)
     net = hf.AggregationNetwork.for_features(data.features, projection_dim=args.projection_dim,
                                              output_size=args.output_size)
-    losses = hf.train_aggregator(net, data, steps=args.train_steps, lr=args.lr, batch_pairs=args.batch_pairs,
+    losses = hft.train_aggregator(net, data, steps=args.train_steps, lr=args.lr, batch_pairs=args.batch_pairs,
                                  seed=args.seed)
     return net, losses
 
@@ -64,30 +64,30 @@ def main():
     else:
         pipe = load_pipeline("toy", device="cpu")
         kw = dict(num_inference_steps=a.inversion_steps, steps=steps, batch_size=16)
-        tr_f = hf.pair_features(pipe, train_pairs, **kw).features
-        te_f = hf.pair_features(pipe, test_pairs, **kw).features
+        tr_f = hft.pair_features(pipe, train_pairs, **kw).features
+        te_f = hft.pair_features(pipe, test_pairs, **kw).features
         if a.cache:
             torch.save((tr_f, te_f), a.cache)
     tr_f, te_f = tr_f.select(steps=steps), te_f.select(steps=steps)  # a cache may hold more steps
-    tr, te = hf.PairFeatures(train_pairs, tr_f), hf.PairFeatures(test_pairs, te_f)
-    dense = hf.PairFeatures(dense_pairs, tr_f)  # same images, more matched points: training only
+    tr, te = hft.PairFeatures(train_pairs, tr_f), hft.PairFeatures(test_pairs, te_f)
+    dense = hft.PairFeatures(dense_pairs, tr_f)  # same images, more matched points: training only
     t_extract = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     net, losses = train(dense, a)
     t_train = time.perf_counter() - t1
-    res = {"hyperfeatures": hf.evaluate(hf.describe(net, te.features), test_pairs),
-           "hyperfeatures_train": hf.evaluate(hf.describe(net, tr.features), train_pairs)}
+    res = {"hyperfeatures": hfe.evaluate(hf.describe(net, te.features), test_pairs),
+           "hyperfeatures_train": hfe.evaluate(hf.describe(net, tr.features), train_pairs)}
 
-    sweep = hf.sweep_layers(tr)
+    sweep = hfe.sweep_layers(tr)
     layer, step = max(sweep, key=sweep.get)
-    res["best_single_layer"] = {**hf.evaluate(hf.layer_descriptors(te.features, layer, step), test_pairs),
+    res["best_single_layer"] = {**hfe.evaluate(hfe.layer_descriptors(te.features, layer, step), test_pairs),
                                 "layer": layer, "step": step, "train_pck_bbox": sweep[(layer, step)]}
-    res["concat_all"] = hf.score(hf.concat_predict(te.features, test_pairs), test_pairs)
-    one = hf.PairFeatures(dense_pairs, tr.features.select(steps=[0]))
+    res["concat_all"] = hfe.score(hfe.concat_predict(te.features, test_pairs), test_pairs)
+    one = hft.PairFeatures(dense_pairs, tr.features.select(steps=[0]))
     net1, _ = train(one, a)  # the paper's one-step model (the clean call), same number of steps
-    res["one_timestep"] = {**hf.evaluate(hf.describe(net1, te.features.select(steps=[0])), test_pairs), "step": 0}
-    res["pixel"] = hf.evaluate(hf.pixel_descriptors(hf.pair_images(test_pairs)), test_pairs)
+    res["one_timestep"] = {**hfe.evaluate(hf.describe(net1, te.features.select(steps=[0])), test_pairs), "step": 0}
+    res["pixel"] = hfe.evaluate(hfe.pixel_descriptors(hft.pair_images(test_pairs)), test_pairs)
 
     w = net.mixing_weights().detach()
     report = {"settings": vars(a), "saved_steps": steps, "timesteps": tr.features.timesteps,

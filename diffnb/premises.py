@@ -243,7 +243,7 @@ def hyperfeatures_timestep_gain(pipe, train_pairs, test_pairs, steps=(0, 5, 10),
     `test_pairs`; every aggregator trains exactly `train_steps` steps on `train_pairs` (module docstring).
     The best step is picked on the held-out pairs themselves: the most favourable choice for the one-step side, so
     a positive gain is not an artefact of picking. Train PCK is reported too (overfitting shows as a gap)."""
-    from .papers import hyperfeatures as hf
+    from .papers import hyperfeatures as hf, hyperfeatures_eval as hfe, hyperfeatures_train as hft
 
     steps = sorted(set(int(s) for s in steps))
     if len(steps) < 2:
@@ -252,16 +252,16 @@ def hyperfeatures_timestep_gain(pipe, train_pairs, test_pairs, steps=(0, 5, 10),
         raise ValueError(f"train_steps must be an int >= 1, got {train_steps!r}")
     t0 = time.perf_counter()
     kw = dict(num_inference_steps=num_inference_steps, steps=steps, batch_size=16, progress=False)
-    train, test = hf.pair_features(pipe, train_pairs, **kw), hf.pair_features(pipe, test_pairs, **kw)
+    train, test = hft.pair_features(pipe, train_pairs, **kw), hft.pair_features(pipe, test_pairs, **kw)
 
     def fit(select):
         torch.manual_seed(seed)
         tr, te = train.features.select(steps=select), test.features.select(steps=select)
         net = hf.AggregationNetwork.for_features(tr, projection_dim=projection_dim, output_size=output_size)
-        losses = hf.train_aggregator(net, hf.PairFeatures(train.pairs, tr), steps=train_steps, lr=lr, seed=seed,
+        losses = hft.train_aggregator(net, hft.PairFeatures(train.pairs, tr), steps=train_steps, lr=lr, seed=seed,
                                      progress=False)
-        return (100 * hf.evaluate(hf.describe(net, te), test.pairs)["pck_bbox"],
-                100 * hf.evaluate(hf.describe(net, tr), train.pairs)["pck_bbox"], float(np.mean(losses[-20:])))
+        return (100 * hfe.evaluate(hf.describe(net, te), test.pairs)["pck_bbox"],
+                100 * hfe.evaluate(hf.describe(net, tr), train.pairs)["pck_bbox"], float(np.mean(losses[-20:])))
 
     multi, multi_train, multi_loss = fit(steps)
     single = {s: fit([s]) for s in steps}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from diffnb.hooks import capture
 from diffnb.inversion import ddim_invert, unet_conditioning
 from diffnb.metrics import pck
-from diffnb.papers import hyperfeatures as hf
+from diffnb.papers import hyperfeatures as hf, hyperfeatures_eval as hfe, hyperfeatures_train as hft
 from diffnb.papers.spair import spair_pairs
 from diffnb.toyworld.scoring import keypoint_pairs, write_spair_fixture
 from tests.conftest import gen
@@ -151,9 +151,9 @@ def _synthetic(n_pairs=4, seed=0):
                               "b": torch.randn(2 * n_pairs, 2, 16, 4, 4, generator=g)}, [0, 5], [1, 501])
     rng = np.random.default_rng(seed)
     img = np.zeros((16, 16, 3), np.uint8)
-    pairs = [hf.Pair(img, img, rng.uniform(1, 15, (4, 2)), rng.uniform(1, 15, (4, 2)), [0, 0, 16, 16], [0, 0, 16, 16])
+    pairs = [hft.Pair(img, img, rng.uniform(1, 15, (4, 2)), rng.uniform(1, 15, (4, 2)), [0, 0, 16, 16], [0, 0, 16, 16])
              for _ in range(n_pairs)]
-    return hf.PairFeatures(pairs, feats)
+    return hft.PairFeatures(pairs, feats)
 
 
 def test_mixing_weights_sum_to_one_and_gradients_flow():
@@ -163,7 +163,7 @@ def test_mixing_weights_sum_to_one_and_gradients_flow():
     assert w.shape == (2, 2) and torch.allclose(w.sum(), torch.tensor(1.0)) and torch.allclose(w, torch.full((2, 2), 0.25))
     out = net(data.features.batch([0, 1]))
     assert out.shape == (2, 16, 8, 8)
-    hf.correspondence_loss(out[0], out[1], data.pairs[0]).backward()
+    hft.correspondence_loss(out[0], out[1], data.pairs[0]).backward()
     assert net.mixing.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for b in net.bottlenecks for p in b.parameters())
 
@@ -172,13 +172,13 @@ def test_training_reduces_the_loss_and_moves_the_mixing_weights():
     data = _synthetic()
     torch.manual_seed(0)
     net = hf.AggregationNetwork.for_features(data.features, projection_dim=16, output_size=8)
-    losses = hf.train_aggregator(net, data, steps=120, lr=3e-3, batch_pairs=2, progress=False)
+    losses = hft.train_aggregator(net, data, steps=120, lr=3e-3, batch_pairs=2, progress=False)
     assert len(losses) == 120
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
     assert not torch.allclose(net.mixing_weights(), torch.full((2, 2), 0.25))
     frozen = hf.AggregationNetwork.for_features(data.features, projection_dim=16, output_size=8)
     start = [p.clone() for p in frozen.parameters()]
-    hf.train_aggregator(frozen, data, steps=5, lr=0.0, progress=False)
+    hft.train_aggregator(frozen, data, steps=5, lr=0.0, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(start, frozen.parameters()))
 
 
@@ -213,25 +213,26 @@ def test_loss_is_the_official_all_positions_objective():
         sk = np.c_[rng.uniform(0, s_hw[1], k), rng.uniform(0, s_hw[0], k)]
         tk = np.c_[rng.uniform(0, t_hw[1], k), rng.uniform(0, t_hw[0], k)]
         sk[0], tk[0] = (s_hw[1], 0.0), (0.0, t_hw[0])  # on the far edges: the last cell
-        pair = hf.Pair(np.zeros((*s_hw, 3), np.uint8), np.zeros((*t_hw, 3), np.uint8), sk, tk, [0, 0, 9, 9], [0, 0, 9, 9])
+        pair = hft.Pair(np.zeros((*s_hw, 3), np.uint8), np.zeros((*t_hw, 3), np.uint8), sk, tk, [0, 0, 9, 9],
+                        [0, 0, 9, 9])
         expected = _official_loss(src, trg, sk, tk, s_hw, t_hw).item()
-        assert hf.correspondence_loss(src, trg, pair).item() == pytest.approx(expected, rel=1e-9)
-    assert hf.LOGIT_SCALE == pytest.approx(math.log(1 / 0.07))
+        assert hft.correspondence_loss(src, trg, pair).item() == pytest.approx(expected, rel=1e-9)
+    assert hft.LOGIT_SCALE == pytest.approx(math.log(1 / 0.07))
 
 
 def test_loss_reads_a_keypoint_as_its_grid_cell_and_learns_positions():
     img = np.zeros((16, 16, 3), np.uint8)
     src, trg = torch.randn(4, 4, 4), torch.randn(4, 4, 4)
-    at = lambda s, t: hf.correspondence_loss(src, trg, hf.Pair(img, img, s, t, [0, 0, 16, 16], [0, 0, 16, 16])).item()
+    at = lambda s, t: hft.correspondence_loss(src, trg, hft.Pair(img, img, s, t, [0, 0, 16, 16], [0, 0, 16, 16])).item()
     assert at([[4.1, 8.2]], [[1.0, 15.0]]) == pytest.approx(at([[7.9, 11.9]], [[3.9, 12.1]]))  # same cells
     assert at([[4.1, 8.2]], [[1.0, 15.0]]) != pytest.approx(at([[3.9, 8.2]], [[1.0, 15.0]]))  # next cell
     # one matched keypoint still has 15 wrong cells to beat (a K x K contrast has nothing to learn from K = 1)
     assert at([[4.1, 8.2]], [[1.0, 15.0]]) > 0.1
     a, b = torch.zeros(4, 4, 4), torch.zeros(4, 4, 4)
     a[0], b[0], a[1, 0, 0], b[1, 2, 1] = 1.0, 1.0, 50.0, 50.0  # the keypoints' cells stand out in channel 1
-    pair = hf.Pair(img, img, [[2.0, 2.0]], [[5.0, 9.0]], [0, 0, 16, 16], [0, 0, 16, 16])
-    assert hf.correspondence_loss(a, b, pair).item() < 0.01
-    assert hf.correspondence_loss(a, b.roll(1, dims=2), pair).item() > 10  # the match one cell off: confidently wrong
+    pair = hft.Pair(img, img, [[2.0, 2.0]], [[5.0, 9.0]], [0, 0, 16, 16], [0, 0, 16, 16])
+    assert hft.correspondence_loss(a, b, pair).item() < 0.01
+    assert hft.correspondence_loss(a, b.roll(1, dims=2), pair).item() > 10  # the match one cell off: confidently wrong
 
 
 def test_low_memory_training_has_the_same_gradients_and_saves_less():
@@ -250,7 +251,7 @@ def test_low_memory_training_has_the_same_gradients_and_saves_less():
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = net(data.features.batch([0, 1]))
-            loss = hf.correspondence_loss(out[0], out[1], data.pairs[0])
+            loss = hft.correspondence_loss(out[0], out[1], data.pairs[0])
         loss.backward()
         grads[low], saved[low] = [p.grad.clone() for p in net.parameters()], total[0]
     for a, b in zip(grads[False], grads[True]):
@@ -279,12 +280,12 @@ def test_evaluate_on_hand_made_descriptors():
         x, y = (gt[k] + offsets[k]).astype(int)
         td[k, y, x] = 1
     img = np.zeros((h, w, 3), np.uint8)
-    pair = hf.Pair(img, img, src, gt, [0, 0, 10, 10], [10, 5, 40, 30])
-    pred = hf.match_keypoints(sd, td, src, (h, w), (h, w))
+    pair = hft.Pair(img, img, src, gt, [0, 0, 10, 10], [10, 5, 40, 30])
+    pred = hfe.match_keypoints(sd, td, src, (h, w), (h, w))
     np.testing.assert_allclose(pred, gt + offsets)
-    res = hf.evaluate([sd, td], [pair], alpha=0.1)
+    res = hfe.evaluate([sd, td], [pair], alpha=0.1)
     assert res == {"pck_img": 0.75, "pck_bbox": 0.5, "n": 4}
-    assert hf.evaluate([sd, td], [pair], alpha=0.2)["pck_bbox"] == 0.75  # 6 px: offset 5 now counts
+    assert hfe.evaluate([sd, td], [pair], alpha=0.2)["pck_bbox"] == 0.75  # 6 px: offset 5 now counts
 
 
 def test_match_keypoints_upsamples_a_coarse_target_map():
@@ -293,13 +294,13 @@ def test_match_keypoints_upsamples_a_coarse_target_map():
     coarse[1] = 1 - coarse[0]
     q = torch.zeros(2, 64, 64)
     q[0] = 1
-    (x, y), = hf.match_keypoints(q, coarse, [[3.5, 3.5]], (64, 64), (64, 64))
+    (x, y), = hfe.match_keypoints(q, coarse, [[3.5, 3.5]], (64, 64), (64, 64))
     assert 32 <= x < 48 and 16 <= y < 32
 
 
 def test_sample_descriptors_pixel_centre_convention():
     xs = torch.arange(8.0).view(1, 1, 8).expand(1, 8, 8)
-    got = hf.sample_descriptors(xs, [[3.5, 0.5], [6.5, 7.5], [4.0, 2.5]], (8, 8))[:, 0]
+    got = hfe.sample_descriptors(xs, [[3.5, 0.5], [6.5, 7.5], [4.0, 2.5]], (8, 8))[:, 0]
     torch.testing.assert_close(got, torch.tensor([3.0, 6.0, 3.5]))
 
 
@@ -333,26 +334,27 @@ def test_concat_baseline_is_the_concatenation_and_never_materialises_it():
                               "b": torch.randn(4, 2, 24, 16, 16, generator=g)}, [0, 5], [1, 501])
     rng = np.random.default_rng(1)
     img = np.zeros((16, 16, 3), np.uint8)
-    pairs = [hf.Pair(img, img, rng.integers(0, 16, (6, 2)) + 0.5, rng.integers(0, 16, (6, 2)) + 0.5, [0, 0, 16, 16],
+    pairs = [hft.Pair(img, img, rng.integers(0, 16, (6, 2)) + 0.5, rng.integers(0, 16, (6, 2)) + 0.5, [0, 0, 16, 16],
                      [0, 0, 16, 16]) for _ in range(2)]
     cat = torch.cat([F.normalize(v.flatten(0, 1), dim=1).unflatten(0, v.shape[:2]).flatten(1, 2)
                      for v in feats.maps.values()], dim=1)  # (N, 64, 16, 16): what the old code built
-    for a, b in zip(hf.concat_predict(feats, pairs), hf.predict(cat, pairs)):
+    for a, b in zip(hfe.concat_predict(feats, pairs), hfe.predict(cat, pairs)):
         np.testing.assert_array_equal(a, b)
-    _, biggest = _max_numel(lambda: hf.concat_predict(feats, pairs))
+    _, biggest = _max_numel(lambda: hfe.concat_predict(feats, pairs))
     assert biggest <= 24 * 16 * 16 < cat[0].numel(), biggest  # one block of one image at most
     small = _synthetic(2)  # blocks at 8x8 and 4x4 on 16 px images: each block's cosine upsampled
-    assert all(p.shape == (4, 2) for p in hf.concat_predict(small.features, small.pairs))
+    assert all(p.shape == (4, 2) for p in hfe.concat_predict(small.features, small.pairs))
 
 
 def test_streamed_evaluation_equals_evaluation_on_all_features(tiny):
     pairs = keypoint_pairs(3, "heldout", size=32)
     kw = dict(steps=[0, 1], num_inference_steps=2)
-    whole = hf.pair_features(tiny, pairs, progress=False, **kw).features
-    methods = {"layer": lambda f, p: hf.predict(hf.layer_descriptors(f, f.layers[-1], 1), p), "concat": hf.concat_predict}
-    got = hf.evaluate_streamed(tiny, pairs, methods, batch_pairs=2, progress=False, **kw)
-    assert got["layer"] == hf.evaluate(hf.layer_descriptors(whole, whole.layers[-1], 1), pairs)
-    assert got["concat"] == hf.score(hf.concat_predict(whole, pairs), pairs)
+    whole = hft.pair_features(tiny, pairs, progress=False, **kw).features
+    methods = {"layer": lambda f, p: hfe.predict(hfe.layer_descriptors(f, f.layers[-1], 1), p),
+               "concat": hfe.concat_predict}
+    got = hfe.evaluate_streamed(tiny, pairs, methods, batch_pairs=2, progress=False, **kw)
+    assert got["layer"] == hfe.evaluate(hfe.layer_descriptors(whole, whole.layers[-1], 1), pairs)
+    assert got["concat"] == hfe.score(hfe.concat_predict(whole, pairs), pairs)
 
 
 def test_training_and_evaluation_create_nothing_on_the_default_device():
@@ -361,19 +363,19 @@ def test_training_and_evaluation_create_nothing_on_the_default_device():
     data = _synthetic()
     net = hf.AggregationNetwork.for_features(data.features, projection_dim=16, output_size=8)
     with torch.device("meta"):
-        losses = hf.train_aggregator(net, data, steps=2, progress=False)
+        losses = hft.train_aggregator(net, data, steps=2, progress=False)
         desc = hf.describe(net, data.features)
-        res = hf.evaluate(desc, data.pairs)
-        hf.concat_predict(data.features, data.pairs)
+        res = hfe.evaluate(desc, data.pairs)
+        hfe.concat_predict(data.features, data.pairs)
     assert len(losses) == 2 and desc.device.type == "cpu" and res["n"] == 16
 
 
 def test_baseline_descriptors():
     data = _synthetic(2)
-    assert hf.layer_descriptors(data.features, "b", 5).shape == (4, 16, 4, 4)
-    pix = hf.pixel_descriptors(_images(2, 16), radius=1)
+    assert hfe.layer_descriptors(data.features, "b", 5).shape == (4, 16, 4, 4)
+    pix = hfe.pixel_descriptors(_images(2, 16), radius=1)
     assert pix[0].shape == (27, 16, 16) and pix[0].min() >= -1 and pix[0].max() <= 1
-    sweep = hf.sweep_layers(data)
+    sweep = hfe.sweep_layers(data)
     assert set(sweep) == {("a", 0), ("a", 5), ("b", 0), ("b", 5)} and all(0 <= v <= 1 for v in sweep.values())
 
 
@@ -485,40 +487,40 @@ def test_bad_inputs_name_what_is_allowed(tiny):
     with pytest.raises(ValueError, match="not captured"):
         data.features.select(steps=[3])
     with pytest.raises(TypeError, match="PairFeatures"):
-        hf.train_aggregator(net, data.pairs, steps=1)
+        hft.train_aggregator(net, data.pairs, steps=1)
     for steps in (0, 2.5, True):
         with pytest.raises(ValueError, match="steps"):
-            hf.train_aggregator(net, data, steps=steps)
+            hft.train_aggregator(net, data, steps=steps)
     with pytest.raises(TypeError, match="train_aggregator\(\) got an unexpected keyword argument 'max_seconds'"):
-        hf.train_aggregator(net, data, steps=1, max_seconds=5)  # no wall-clock budgets: fixed step counts
+        hft.train_aggregator(net, data, steps=1, max_seconds=5)  # no wall-clock budgets: fixed step counts
     with pytest.raises(ValueError, match=r"\(D, h, w\)"):
-        hf.correspondence_loss(torch.zeros(4, 4, 4), torch.zeros(4, 2, 2), data.pairs[0])
+        hft.correspondence_loss(torch.zeros(4, 4, 4), torch.zeros(4, 2, 2), data.pairs[0])
     with pytest.raises(TypeError, match="Pair"):
-        hf.correspondence_loss(torch.zeros(4, 4, 4), torch.zeros(4, 4, 4), (data.pairs[0].src_kps,))
+        hft.correspondence_loss(torch.zeros(4, 4, 4), torch.zeros(4, 4, 4), (data.pairs[0].src_kps,))
     with pytest.raises(ValueError, match="alpha"):
-        hf.evaluate([torch.zeros(1, 4, 4)] * 4, data.pairs, alpha=0)
+        hfe.evaluate([torch.zeros(1, 4, 4)] * 4, data.pairs, alpha=0)
     with pytest.raises(ValueError, match="descriptor maps"):
-        hf.evaluate([torch.zeros(1, 4, 4)] * 3, data.pairs)
+        hfe.evaluate([torch.zeros(1, 4, 4)] * 3, data.pairs)
     with pytest.raises(ValueError, match="images"):
-        hf.PairFeatures(data.pairs[:1], data.features)
+        hft.PairFeatures(data.pairs[:1], data.features)
     with pytest.raises(ValueError, match="allowed"):
         keypoint_pairs(1, classes=("circle",))
     with pytest.raises(ValueError, match="split"):
         keypoint_pairs(1, split="test")
     with pytest.raises(ValueError, match=r"\(K, 2\)"):
-        hf.Pair(img[0], img[0], [[1, 2]], [[1, 2], [3, 4]], [0, 0, 1, 1], [0, 0, 1, 1])
+        hft.Pair(img[0], img[0], [[1, 2]], [[1, 2], [3, 4]], [0, 0, 1, 1], [0, 0, 1, 1])
     with pytest.raises(ValueError, match="inside the 32x32 image"):
-        hf.Pair(img[0], img[0], [[1, 2]], [[40, 4]], [0, 0, 1, 1], [0, 0, 1, 1])
+        hft.Pair(img[0], img[0], [[1, 2]], [[40, 4]], [0, 0, 1, 1], [0, 0, 1, 1])
     with pytest.raises(ValueError, match="finite"):
-        hf.Pair(img[0], img[0], [[1, np.nan]], [[4, 4]], [0, 0, 1, 1], [0, 0, 1, 1])
+        hft.Pair(img[0], img[0], [[1, np.nan]], [[4, 4]], [0, 0, 1, 1], [0, 0, 1, 1])
     with pytest.raises(ValueError, match="x1 > x0"):
-        hf.Pair(img[0], img[0], [[1, 2]], [[4, 4]], [0, 0, 1, 1], [5, 0, 1, 1])
+        hft.Pair(img[0], img[0], [[1, 2]], [[4, 4]], [0, 0, 1, 1], [5, 0, 1, 1])
     with pytest.raises(TypeError, match=r"\(H, W, 3\)"):
-        hf.Pair(torch.zeros(32, 32, 3), img[0], [[1, 2]], [[4, 4]], [0, 0, 1, 1], [0, 0, 1, 1])
+        hft.Pair(torch.zeros(32, 32, 3), img[0], [[1, 2]], [[4, 4]], [0, 0, 1, 1], [0, 0, 1, 1])
     with pytest.raises(ValueError, match="predictions"):
-        hf.score([np.zeros((4, 2))], data.pairs)
+        hfe.score([np.zeros((4, 2))], data.pairs)
     with pytest.raises(ValueError, match="need features of 2 images, got 4"):
-        hf.concat_predict(data.features, data.pairs[:1])
+        hfe.concat_predict(data.features, data.pairs[:1])
     with pytest.raises(ValueError, match="positive ints"):
         hf.official_steps(50, every=0)
     with pytest.raises(ValueError, match="trn"):

@@ -1,5 +1,5 @@
 """SPair-71k, the keypoint-correspondence benchmark of Diffusion Hyperfeatures: its loader (dataset code, not the
-method; `hyperfeatures` scores whatever `Pair`s it is given).
+method; `hyperfeatures_eval` scores whatever `Pair`s it is given).
 
     pairs = spair_pairs(root, "trn", limit=24, seed=0)    # root/PairAnnotation/trn/*.json, root/JPEGImages/...
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .hyperfeatures import Pair
+from .hyperfeatures_train import Pair
 
 SPAIR_SPLITS = ("trn", "val", "test")
 SPAIR_FIELDS = ("src_imname", "trg_imname", "src_kps", "trg_kps", "src_bndbox", "trg_bndbox", "category")

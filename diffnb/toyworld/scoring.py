@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..metrics import layout_overlap, mean_over_pairs
-from ..papers.hyperfeatures import Pair
+from ..papers.hyperfeatures_train import Pair
 from ..papers.spair import SPAIR_SPLITS
 from .data import SPLITS, scene_rng
 from .prompts import BG_WORD
