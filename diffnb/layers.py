@@ -108,3 +108,43 @@ def select_many(names, patterns, unet=None) -> list[str]:
         raise ValueError("no layer patterns given (an empty list selects nothing): use '*' for every layer")
     chosen = {n for p in patterns for n in select(names, p, unet)}
     return [n for n in names if n in chosen]
+
+
+SHORT = ((".transformer_blocks.", ".tb"), (".attentions.", ".a"), (".resnets.", ".r"), ("down_blocks.", "down"),
+         ("up_blocks.", "up"), ("mid_block", "mid"))
+_BLOCKS = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+_PARTS = {"resnets": 0, "attentions": 1, "downsamplers": 2, "upsamplers": 2}
+
+
+def short_name(name: str, unet=None) -> str:
+    """A label for plots and tables: `up_blocks.1.attentions.0.transformer_blocks.0.attn1` -> `up1.a0.tb0.attn1`
+    (`down0.r1`, `mid.a0.tb0.attn2`); with the UNet, its feature-map side is appended (` @16`)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a layer name must be a non-empty str, got {name!r}")
+    out = name
+    for long, short in SHORT:
+        out = out.replace(long, short)
+    res = resolution(unet, name) if unet is not None else None
+    return out if res is None else f"{out} @{res}"
+
+
+def execution_order(names) -> list[str]:
+    """UNet layer names sorted into the order a forward pass runs them: down blocks, mid block, up blocks; inside a
+    block resnet i, then attention i, then the down/upsampler; numbers compare as numbers (`attn1` before `attn2`).
+    `unet.attn_processors` and `named_modules` list the mid block after the up blocks, which is not when it runs."""
+    def key(name):
+        parts = name.split(".")
+        block = _BLOCKS.get(parts[0], 3)
+        rest = parts[1:] if parts[0] == "mid_block" else parts[2:]
+        index = int(parts[1]) if parts[0] != "mid_block" and len(parts) > 1 and parts[1].isdigit() else -1
+        if len(rest) >= 2 and _PARTS.get(rest[0]) in (0, 1) and rest[1].isdigit():
+            inner = (int(rest[1]), _PARTS[rest[0]])
+            rest = rest[2:]
+        else:  # the block itself first; a down/upsampler after every resnet and attention
+            inner = (-1, -1) if not rest else (1 << 30, _PARTS.get(rest[0], 3))
+        return block, index, inner, [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in rest]
+
+    names = list(names)
+    if bad := [n for n in names if not isinstance(n, str) or not n]:
+        raise TypeError(f"layer names must be non-empty str, got {bad[:3]!r}")
+    return sorted(names, key=key)

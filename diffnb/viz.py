@@ -165,3 +165,72 @@ def anatomy_figure(rows: list[dict], title: str = "attention layers in execution
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def keypoint_pairs(ax, pair, pred=None):
+    """One keypoint pair side by side (source | target, cropped to the shorter height), each keypoint in its own
+    colour on both sides. With `pred` ((K, 2) x, y on the target): truth as x, prediction as o, joined by a line."""
+    import matplotlib.pyplot as plt
+
+    if pred is not None and np.shape(pred) != np.shape(pair.trg_kps):
+        raise ValueError(f"pred must be (K, 2) like the target keypoints {np.shape(pair.trg_kps)}, got {np.shape(pred)}")
+    h = min(pair.src_image.shape[0], pair.trg_image.shape[0])
+    s, t = pair.src_image[:h], pair.trg_image[:h]
+    w = s.shape[1]
+    ax.imshow(np.concatenate([s, t], axis=1))
+    for i, ((xs, ys), (xt, yt)) in enumerate(zip(pair.src_kps, pair.trg_kps)):
+        c = plt.cm.tab10(i % 10)
+        ax.scatter([xs], [ys], color=c, s=18)
+        ax.scatter([xt + w], [yt], color=c, s=18, marker="o" if pred is None else "x")
+        if pred is not None:
+            ax.scatter([pred[i][0] + w], [pred[i][1]], color=c, s=18)
+            ax.plot([xt + w, pred[i][0] + w], [yt, pred[i][1]], color=c, lw=0.8)
+    ax.axis("off")
+    return ax
+
+
+def mask_timeline(masks_per_step, images, steps, rows: int = 2, size: float = 1.7):
+    """How subject masks form over denoising: per image (a row), the image and its mask at each of `steps`.
+    masks_per_step: per step, (n, R, R) or (n, R*R) masks, or None before the first (e.g.
+    `ConsiStoryOutput.masks_per_step`); steps past the run are left out. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    if not isinstance(masks_per_step, (list, tuple)) or not masks_per_step:
+        raise ValueError("masks_per_step must be a non-empty list (one entry per step)")
+    show = [s for s in steps if 0 <= s < len(masks_per_step)]
+    if not show:
+        raise ValueError(f"none of steps {list(steps)} is in the run's {len(masks_per_step)} steps")
+    rows = min(rows, len(images))
+    fig, axes = plt.subplots(rows, len(show) + 1, figsize=(size * (len(show) + 1), 1.8 * rows), squeeze=False)
+    for row in range(rows):
+        axes[row, 0].imshow(to_uint8(images[row]))
+        axes[row, 0].set_title("image", fontsize=8)
+        for ax, s in zip(axes[row, 1:], show):
+            if masks_per_step[s] is None:
+                ax.set_title(f"no mask yet, step {s}", fontsize=8)
+                continue
+            m = masks_per_step[s][row]
+            side = int(np.sqrt(m.numel()))
+            ax.imshow(m.reshape(side, side).float(), cmap="gray")
+            ax.set_title(f"mask, step {s}", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig
+
+
+def print_table(rows: dict, columns=None, digits=2, title: str | None = None) -> str:
+    """Print {row name: {column: value}} as aligned columns (numbers right-aligned, `digits` decimals, or
+    {column: digits}); a missing value prints as `-`. Returns the printed text."""
+    if not isinstance(rows, dict) or not rows or not all(isinstance(r, dict) for r in rows.values()):
+        raise TypeError("rows must be a non-empty {row name: {column: value}} dict")
+    columns = list(columns or next(iter(rows.values())))
+    places = lambda c: digits.get(c, 2) if isinstance(digits, dict) else digits
+    cell = lambda c, v: "-" if v is None else v if isinstance(v, str) else f"{v:.{places(c)}f}"
+    cells = {k: [cell(c, r.get(c)) for c in columns] for k, r in rows.items()}
+    widths = [max(len(str(c)), *(len(v[j]) for v in cells.values())) for j, c in enumerate(columns)]
+    first = max(len(str(k)) for k in rows)
+    lines = ([title] if title else []) + [" " * first + "".join(f"  {c:>{w}s}" for c, w in zip(columns, widths))]
+    lines += [f"{str(k):{first}s}" + "".join(f"  {v:>{w}s}" for v, w in zip(vals, widths)) for k, vals in cells.items()]
+    text = "\n".join(lines)
+    print(text)
+    return text

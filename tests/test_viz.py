@@ -128,3 +128,53 @@ def test_the_tour_writes_results_markdown_with_its_stamp():
     assert "| 01_x | agreement | 0.9 | 0.5 | ✓ | > 0.8 |" in lines
     assert "| 02_y | gain | 0.1 |  | ✗ | >= +0.3 |" in lines
     assert lines[-1] == "1 of 2 claims with a bar met."
+
+
+def test_keypoint_pairs_draws_both_sides_and_predictions():
+    import matplotlib.pyplot as plt
+
+    from diffnb.papers.hyperfeatures_train import Pair
+
+    img = np.zeros((16, 12, 3), np.uint8)
+    pair = Pair(img, np.zeros((20, 10, 3), np.uint8), [[1, 2], [3, 4], [5, 6]], [[2, 2], [4, 4], [6, 6]],
+                [0, 0, 8, 8], [0, 0, 8, 8])
+    fig, (a, b) = plt.subplots(1, 2)
+    from diffnb.viz import keypoint_pairs
+    keypoint_pairs(a, pair)
+    keypoint_pairs(b, pair, pred=np.array([[1.0, 1.0]] * 3))
+    assert a.images[0].get_array().shape == (16, 22, 3)  # side by side, cropped to the shorter height
+    assert len(a.collections) == 6 and len(a.lines) == 0  # source and target point per keypoint
+    assert len(b.collections) == 9 and len(b.lines) == 3  # + the prediction, joined to the truth
+    with pytest.raises(ValueError, match=r"\(K, 2\)"):
+        keypoint_pairs(b, pair, pred=np.zeros((2, 2)))
+    plt.close(fig)
+
+
+def test_mask_timeline_draws_a_panel_per_image_and_step():
+    import matplotlib.pyplot as plt
+
+    from diffnb.viz import mask_timeline
+
+    masks = [None] + [torch.rand(3, 4, 4) > 0.5 for _ in range(5)] + [torch.rand(3, 16) > 0.5]
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    fig = mask_timeline(masks, images, steps=(0, 1, 3, 6, 40))  # 40: past the run, left out
+    axes = np.array(fig.axes).reshape(2, 5)
+    assert [ax.get_title() for ax in axes[0]] == ["image", "no mask yet, step 0", "mask, step 1", "mask, step 3",
+                                                  "mask, step 6"]
+    assert axes[1, 4].images[0].get_array().shape == (4, 4)
+    plt.close(fig)
+    with pytest.raises(ValueError, match="none of steps"):
+        mask_timeline(masks, images, steps=(50,))
+
+
+def test_print_table_aligns_columns(capsys):
+    from diffnb.viz import print_table
+
+    text = print_table({"vanilla": {"style": 0.5, "s / set": 1.25}, "StyleAligned (long)": {"style": 0.875}},
+                       digits={"s / set": 1}, title="toy")
+    assert capsys.readouterr().out == text + "\n"
+    lines = text.splitlines()
+    assert lines[0] == "toy" and len({len(l) for l in lines[1:]}) == 1  # every row as wide as the header
+    assert lines[2].split() == ["vanilla", "0.50", "1.2"] and lines[3].endswith("0.88        -")
+    with pytest.raises(TypeError, match="row name"):
+        print_table([("a", 1)])

@@ -7,6 +7,7 @@ the method and never import the toy world, so these live here, beside the world 
 (mIoU, 2AFC, PCK, layout overlap) are in `diffnb.metrics`.
 
     style_scores, identity_scores, subject_similarity, subject_mask_iou     (StyleAligned, ConsiStory)
+    same_style, same_identity                                                (pair by pair, to judge a judge)
     triplets                                                                 (DiffSim: 2AFC triplets)
     keypoint_pairs, write_spair_fixture                                      (Hyperfeatures: keypoint pairs)
 """
@@ -38,15 +39,43 @@ def style_scores(images, prompt_shapes, probes) -> dict[str, float]:
     shape accuracy: share of images whose shape is the one their prompt names;
     content leak: share of non-reference images that took the reference's shape instead of their own.
     """
-    images = np.asarray(images)
-    sets, n = images.shape[:2]
-    pred = probes.predict(images.reshape(sets * n, *images.shape[2:]))
-    bg = np.array(pred["background"]).reshape(sets, n)
-    shape = np.array(pred["shape"]).reshape(sets, n)
-    want = np.array(prompt_shapes)
-    return {"style_agreement": float((bg[:, 1:] == bg[:, :1]).mean()),
+    pred = _set_predictions(images, probes)
+    shape, want = pred["shape"], np.array(prompt_shapes)
+    return {"style_agreement": float(_same_style(pred).mean()),
             "shape_accuracy": float((shape == want).mean()),
             "content_leak": float((shape[:, 1:] == want[:, :1]).mean())}
+
+
+def _set_predictions(images, probes) -> dict[str, np.ndarray]:
+    """The probes' prediction of every attribute for (sets, n, H, W, 3) images, each as a (sets, n) array."""
+    images = np.asarray(images)
+    if images.ndim != 5:
+        raise ValueError(f"images must be (sets, n, H, W, 3), got shape {images.shape}")
+    sets, n = images.shape[:2]
+    pred = probes.predict(images.reshape(sets * n, *images.shape[2:]))
+    return {k: np.array(v).reshape(sets, n) for k, v in pred.items()}
+
+
+def _same_style(pred) -> np.ndarray:
+    return (pred["background"][:, 1:] == pred["background"][:, :1]).ravel()
+
+
+def _same_identity(pred) -> np.ndarray:
+    i, j = np.triu_indices(pred["color"].shape[1], 1)
+    return ((pred["color"][:, i] == pred["color"][:, j]) & (pred["detail"][:, i] == pred["detail"][:, j])).ravel()
+
+
+def same_style(images, probes) -> np.ndarray:
+    """Per (reference, other image) pair, set by set: does the probe read the same background style? (sets*(n-1),)
+    bools, for judging a similarity score pair by pair; the mean is `style_scores`' style agreement."""
+    return _same_style(_set_predictions(images, probes))
+
+
+def same_identity(images, probes) -> np.ndarray:
+    """Per pair (i < j, `np.triu_indices` order) inside each set: the same subject by the probes, i.e. the same
+    colour and the same detail (never named by the prompt grammar). (sets*n*(n-1)/2,) bools; the mean is
+    `identity_scores`' identity agreement."""
+    return _same_identity(_set_predictions(images, probes))
 
 
 # --- ConsiStory -----------------------------------------------------------------------------------------------
@@ -78,7 +107,7 @@ def identity_scores(images, prompts, probes, masks=None) -> dict[str, float]:
     if images.ndim != 5 or images.shape[:2] != np.shape(prompts):
         raise ValueError(f"images must be (sets, n, H, W, 3) matching prompts {np.shape(prompts)}, got {images.shape}")
     sets, n = images.shape[:2]
-    pred = {k: np.array(v).reshape(sets, n) for k, v in probes.predict(images.reshape(-1, *images.shape[2:])).items()}
+    pred = _set_predictions(images, probes)
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     agree = lambda a: float(np.mean([a[s, i] == a[s, j] for s in range(sets) for i, j in pairs]))
     inv_bg = {v: k for k, v in BG_WORD.items()}
@@ -86,8 +115,7 @@ def identity_scores(images, prompts, probes, masks=None) -> dict[str, float]:
     bg = [[next((inv_bg[w] for w in ws if w in inv_bg), None) for ws in row] for row in words]
     shp = [[next((w for w in ws if w in SHAPES), None) for ws in row] for row in words]
     acc = lambda want, got: float(np.mean([g == w for rw, rg in zip(want, got) for w, g in zip(rw, rg) if w]))
-    identity = float(np.mean([pred["detail"][s, i] == pred["detail"][s, j] and pred["color"][s, i] == pred["color"][s, j]
-                              for s in range(sets) for i, j in pairs]))
+    identity = float(_same_identity(pred).mean())
     return {"detail_agreement": agree(pred["detail"]), "color_agreement": agree(pred["color"]),
             "identity_agreement": identity, "shape_agreement": agree(pred["shape"]),
             "background_accuracy": acc(bg, pred["background"]), "shape_accuracy": acc(shp, pred["shape"]),
