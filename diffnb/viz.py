@@ -167,7 +167,7 @@ def anatomy_figure(rows: list[dict], title: str = "attention layers in execution
     return fig
 
 
-def keypoint_pairs(ax, pair, pred=None):
+def draw_keypoint_pair(ax, pair, pred=None):
     """One keypoint pair side by side (source | target, cropped to the shorter height), each keypoint in its own
     colour on both sides. With `pred` ((K, 2) x, y on the target): truth as x, prediction as o, joined by a line."""
     import matplotlib.pyplot as plt

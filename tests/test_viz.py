@@ -130,7 +130,7 @@ def test_the_tour_writes_results_markdown_with_its_stamp():
     assert lines[-1] == "1 of 2 claims with a bar met."
 
 
-def test_keypoint_pairs_draws_both_sides_and_predictions():
+def test_draw_keypoint_pair_draws_both_sides_and_predictions():
     import matplotlib.pyplot as plt
 
     from diffnb.papers.hyperfeatures_train import Pair
@@ -139,14 +139,14 @@ def test_keypoint_pairs_draws_both_sides_and_predictions():
     pair = Pair(img, np.zeros((20, 10, 3), np.uint8), [[1, 2], [3, 4], [5, 6]], [[2, 2], [4, 4], [6, 6]],
                 [0, 0, 8, 8], [0, 0, 8, 8])
     fig, (a, b) = plt.subplots(1, 2)
-    from diffnb.viz import keypoint_pairs
-    keypoint_pairs(a, pair)
-    keypoint_pairs(b, pair, pred=np.array([[1.0, 1.0]] * 3))
+    from diffnb.viz import draw_keypoint_pair
+    draw_keypoint_pair(a, pair)
+    draw_keypoint_pair(b, pair, pred=np.array([[1.0, 1.0]] * 3))
     assert a.images[0].get_array().shape == (16, 22, 3)  # side by side, cropped to the shorter height
     assert len(a.collections) == 6 and len(a.lines) == 0  # source and target point per keypoint
     assert len(b.collections) == 9 and len(b.lines) == 3  # + the prediction, joined to the truth
     with pytest.raises(ValueError, match=r"\(K, 2\)"):
-        keypoint_pairs(b, pair, pred=np.zeros((2, 2)))
+        draw_keypoint_pair(b, pair, pred=np.zeros((2, 2)))
     plt.close(fig)
 
 
