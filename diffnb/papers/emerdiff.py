@@ -38,7 +38,7 @@ from ..hooks import capture
 from ..images import to_tensor_image
 from ..inversion import ddim_invert, ddpm_invert, decode_latents, encode_image, unet_conditioning
 from ..layers import resolution, select
-from ..processors import AttentionProcessor, RunState, attention_names, patch_attention, track_steps
+from ..processors import AttentionProcessor, RunState, attention_names, attention_probs, patch_attention, track_steps
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,8 @@ class _Modulate(AttentionProcessor):
     def attend(self, call, q, k, v, mask):
         if not self.inject:
             return super().attend(call, q, k, v, mask)
-        probs = torch.softmax(q[:1] @ k[:1].transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-        return probs @ v  # (1, h, N, M) @ (B, h, M, d): every run attends like the unmodulated one
+        # item 0's probabilities (1, h, N, M) @ every item's values (B, h, M, d): all runs attend like the unmodulated
+        return attention_probs(q[:1], k[:1], None if mask is None else mask[:1]) @ v
 
     def edit_output(self, call, out):
         if self.coef is None or self.state.step != 0:
