@@ -19,13 +19,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 # pytest exits 5 when it collects no test: treat that as the failure it is.
-# Notebooks three times: on the toy (the claims), then the real-model branches on random-weight stand-ins of
+# Notebooks three times: on the toy (the claims, recorded in build/claims and printed as a table at the end of
+# the toy run), then the real-model branches on random-weight stand-ins of
 # SD1.5 and SDXL (DIFFNB_STANDIN=1: real structure, 1/4 size, <= 10 steps), so the Colab path cannot rot.
 NBMAKE = $(BIN)/python -m pytest -q --nbmake --nbmake-timeout=$(CELL_TIMEOUT) notebooks/
 
 test: setup
 	$(BIN)/python -m pytest tests -q
-	DIFFNB_MODEL=toy $(NBMAKE)
+	rm -rf build/claims
+	DIFFNB_MODEL=toy DIFFNB_RESULTS=$(CURDIR)/build/claims $(NBMAKE)
+	$(BIN)/python -m diffnb.tour --summarize build/claims
 	DIFFNB_MODEL=sd15 DIFFNB_STANDIN=1 $(NBMAKE)
 	DIFFNB_MODEL=sdxl DIFFNB_STANDIN=1 $(NBMAKE)
 

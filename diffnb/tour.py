@@ -4,6 +4,8 @@ and print one table of the claims the notebooks measured (with a ✓ / ✗ colum
     python -m diffnb.tour                      # every notebook of the repository this package sits in
     python -m diffnb.tour 01 04                # only those numbers; the other claims are kept
     python -m diffnb.tour --notebooks DIR      # notebooks elsewhere (e.g. a clone, when diffnb is pip-installed)
+    python -m diffnb.tour --summarize DIR      # no execution: the table of claims recorded in DIR (make test
+                                               # records the toy run's in build/claims); --write: also RESULTS.md
 
 The notebooks are not part of the installed package: they are found in `--notebooks DIR`, else `$DIFFNB_NOTEBOOKS`,
 else `notebooks/` next to the package (a clone or an editable install), else `./notebooks`. Finding none is an error
@@ -85,11 +87,31 @@ def _stamp(root: Path) -> str:
     return f"{time.strftime('%Y-%m-%d', time.gmtime())}, commit {rev}, model {model}, {device}, torch {torch.__version__}"
 
 
+def read_claims(folder: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(Path(folder).glob("*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def summarize(folder: Path, write: bool) -> int:
+    rows = read_claims(folder)
+    if not rows:
+        print(f"no claims recorded in {folder} (run the notebooks with DIFFNB_RESULTS={folder})", file=sys.stderr)
+        return 1
+    print(table(rows))
+    if write:
+        (ROOT / "RESULTS.md").write_text(markdown(rows, _stamp(ROOT)))
+        print(f"claims table: {ROOT / 'RESULTS.md'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffnb.tour", description=__doc__.split("\n\n")[0])
     parser.add_argument("only", nargs="*", help="notebook numbers to re-run (default: all)")
     parser.add_argument("--notebooks", help="folder with the numbered notebooks (default: see the module docstring)")
+    parser.add_argument("--summarize", type=Path, help="print the claims recorded in this folder; execute nothing")
+    parser.add_argument("--write", action="store_true", help="with --summarize: also write RESULTS.md")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.summarize:
+        return summarize(args.summarize, args.write)
     folder = find_notebooks(args.notebooks)
     try:
         import nbformat
@@ -129,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         nbformat.write(nb, build / path.name)
         (build / path.with_suffix(".html").name).write_text(HTMLExporter().from_notebook_node(nb)[0])
         print(f"{path.name:32s} {status:6s} {time.time() - start:6.1f} s  -> {build / path.name}")
-    rows = [json.loads(line) for f in sorted(results.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    rows = read_claims(results)
     print()
     print(table(rows) if rows else "no claims were recorded (did the notebooks call diffnb.nb.claim?)")
     print(f"\nfigures: {root / 'figures'}")

@@ -178,3 +178,18 @@ def test_print_table_aligns_columns(capsys):
     assert lines[2].split() == ["vanilla", "0.50", "1.2"] and lines[3].endswith("0.88        -")
     with pytest.raises(TypeError, match="row name"):
         print_table([("a", 1)])
+
+
+def test_the_tour_summarizes_recorded_claims_without_executing(tmp_path, capsys):
+    from diffnb.nb import claim
+    from diffnb.tour import main
+
+    assert main(["--summarize", str(tmp_path)]) == 1  # nothing recorded: says so
+    import os
+    os.environ["DIFFNB_RESULTS"] = str(tmp_path)
+    try:
+        claim("04_x", "gain", 0.2, 0.1, ">= +0.1", met=True)
+    finally:
+        del os.environ["DIFFNB_RESULTS"]
+    assert main(["--summarize", str(tmp_path)]) == 0
+    assert "1 of 1 claims with a bar met" in capsys.readouterr().out
