@@ -1,5 +1,5 @@
 """A random-weight IP-Adapter Plus and its CLIP image encoder in h94/IP-Adapter's folder layout, written offline,
-so DiffSim-C (`diffnb.papers.diffsim.ip_adapter`) loads it through diffusers' own `load_ip_adapter` under
+so DiffSim-C (`diffnb.papers.diffsim_c.ip_adapter`) loads it through diffusers' own `load_ip_adapter` under
 DIFFNB_STANDIN, where the real adapter cannot be downloaded. Plumbing for the stand-ins, not the method: it lives
 beside `diffnb.standin`, outside `papers/`. `IP_ADAPTERS` is the real layout both the loader and this writer follow.
 """

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from diffnb.models import tiny_pipeline
-from diffnb.papers.diffsim import IPAlignedAttentionScore, diffsim, diffsim_c, ip_adapter, ip_score_processors
+from diffnb.papers.diffsim import diffsim
+from diffnb.papers.diffsim_c import IPAlignedAttentionScore, diffsim_c, ip_adapter, ip_score_processors
 from diffnb.standin_ip_adapter import IP_ADAPTERS, VIT_SMALL, write_standin_ip_adapter
 
 LAYER = "up_blocks.1.attentions.1.transformer_blocks.0.attn2"  # up_blocks[1]'s last transformer block
