@@ -35,7 +35,9 @@ SHIPPED_VAE = REPO / "diffnb" / "assets" / "toy" / "vae"
 # results/vae_check.json), and `v1m` is the baseline with that same VAE.
 BUDGET = dict(unet_steps=3000, n_images=20_000, batch=32, lr=4e-4, cooldown_from=2250, grounding=0.01,
               ckpt_every=250, seed=0, vae_from=str(SHIPPED_VAE), vae_steps=800, transformer_layers=1)
-MIX_VAE = str(RUNS / "vae_mix" / "export" / "vae")
+# The shared VAE, trained once by the `vae_mix` run and committed here (1.3 MB), so later sessions reuse it.
+MIX_VAE_COMMITTED = REPO / "pilots" / "vae_mix"
+MIX_VAE = str(MIX_VAE_COMMITTED if (MIX_VAE_COMMITTED / "config.json").exists() else RUNS / "vae_mix" / "export" / "vae")
 PILOTS = {
     "v1": dict(world="v1"),  # the baseline: the shipped model's world and VAE at the pilot budget
     # not a pilot: the VAE shared by the others, trained once (1,500 steps at batch 32, 4,000 renders of each world)
@@ -109,7 +111,8 @@ def queue() -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
     while True:
         names = [n.strip() for n in qfile.read_text().splitlines() if n.strip() and not n.startswith("#")]
-        trained = lambda n: (RUNS / n / "export" / "model_index.json").exists()
+        trained = lambda n: (RUNS / n / "export" / "model_index.json").exists() or \
+            (n == "vae_mix" and (MIX_VAE_COMMITTED / "config.json").exists())
         scored = lambda n: (RESULTS / f"{n}.json").exists()  # a scored pilot's checkpoints may be gone (new machine)
         todo = [n for n in names if not trained(n) and not scored(n) and not (RUNS / n / "failed").exists()
                 and not (RUNS / f"{n}.lock").exists()]
