@@ -168,14 +168,30 @@ def _check_cfg_batch(module, args, kwargs):
             f"its own reference. Use style_aligned(unet, cfg=False) when guidance_scale <= 1, or generate().")
 
 
-def _shared_norm_hook(halves: int):
-    """Recompute a norm layer on [x ; reference] along dim -2 (rows of a GroupNorm map, tokens of a
-    LayerNorm) and keep x's part, so the statistics are shared with the reference."""
-    def hook(module, args, output):
-        x = args[0]
-        n = x.shape[-2]
-        return module.forward(torch.cat([x, expand_reference(x, halves)], dim=-2))[..., :n, :]
-    return hook
+@contextmanager
+def _shared_norms(modules, halves: int):
+    """Each norm layer computes on [x ; reference] along dim -2 (rows of a GroupNorm map, tokens of a LayerNorm)
+    and keeps x's part, so its statistics are shared with the reference. The instance's `forward` is swapped for
+    the block (a forward hook would compute the norm a second time and throw the first away) and put back on exit."""
+    def shared(module):
+        plain = type(module).forward
+
+        def forward(x):
+            n = x.shape[-2]
+            return plain(module, torch.cat([x, expand_reference(x, halves)], dim=-2))[..., :n, :]
+        return forward
+
+    patched = list(modules)
+    if clash := [type(m).__name__ for m in patched if "forward" in vars(m)]:
+        raise ValueError(f"{len(clash)} norm layers ({clash[0]}, ...) already have their forward replaced by "
+                         "something else; StyleAligned's shared norms would stack on it")
+    try:
+        for m in patched:
+            m.forward = shared(m)
+        yield
+    finally:
+        for m in patched:
+            vars(m).pop("forward", None)
 
 
 @contextmanager
@@ -203,10 +219,7 @@ def style_aligned(unet, args: StyleAlignedArgs | None = None, cfg: bool = True, 
         norm_types = tuple(t for t, on in ((torch.nn.GroupNorm, args.share_group_norm),
                                            (torch.nn.LayerNorm, args.share_layer_norm)) if on)
         if norm_types:
-            hook = _shared_norm_hook(halves)
-            for m in unet.modules():
-                if isinstance(m, norm_types):
-                    stack.enter_context(m.register_forward_hook(hook))
+            stack.enter_context(_shared_norms([m for m in unet.modules() if isinstance(m, norm_types)], halves))
         yield args
 
 
