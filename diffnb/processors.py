@@ -130,6 +130,24 @@ def extended_attention(q, k, v, extra_k, extra_v, extra_bias=None, mask=None) ->
     return F.scaled_dot_product_attention(q, torch.cat([k, extra_k], -2), torch.cat([v, extra_v], -2), attn_mask=mask)
 
 
+def attention_input(attn, hidden_states: torch.Tensor, temb=None) -> torch.Tensor:
+    """The (B, tokens, C) an attention layer projects to queries: spatial norm, a (B, C, H, W) map flattened to
+    tokens, group norm, in diffusers' AttnProcessor2_0 order. Side processors (DiffSim-C) read queries through it."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim == 4:
+        b, c, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states
+
+
+def split_heads(attn, x: torch.Tensor) -> torch.Tensor:
+    """(B, ..., heads * d) projections -> (B, heads, tokens, d)."""
+    return x.reshape(x.shape[0], -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+
 @dataclass
 class AttnCall:
     """What a processor knows about the call it is in."""
@@ -182,14 +200,12 @@ class AttentionProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
         input_ndim = hidden_states.ndim
         height = width = None
         if input_ndim == 4:
-            b, c, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, height * width).transpose(1, 2)
-        else:
+            _, c, height, width = hidden_states.shape
+        hidden_states = attention_input(attn, hidden_states, temb)
+        if input_ndim != 4:
             side = math.isqrt(hidden_states.shape[1])
             if side * side == hidden_states.shape[1]:
                 height = width = side
@@ -198,8 +214,6 @@ class AttentionProcessor:
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
         if not is_cross:
             encoder_hidden_states = hidden_states
@@ -207,8 +221,7 @@ class AttentionProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
-        split = lambda x: x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        query, key, value = split(query), split(key), split(value)
+        query, key, value = (split_heads(attn, x) for x in (query, key, value))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:

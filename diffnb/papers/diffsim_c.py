@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..inversion import encode_image, from_tensor_image, unet_conditioning
 from ..layers import select
-from ..processors import attention_names, patch_attention
+from ..processors import attention_input, attention_names, patch_attention, split_heads
 from ..standin_ip_adapter import IP_ADAPTERS, _standin, write_standin_ip_adapter
 from .diffsim import _check_images, _check_timestep, _chunks, _noised_pairs, pair_noise, symmetric_aas
 
@@ -46,17 +46,10 @@ class IPAlignedAttentionScore:
             raise ValueError(f"{self.name}: no IP-Adapter image tokens reached this layer; call the UNet with "
                              "added_cond_kwargs={'image_embeds': [...]}")
         ip = encoder_hidden_states[1][self.adapter]  # (B, images, tokens, dim) for Plus, (B, tokens, dim) otherwise
-        x = hidden_states  # the query path of the wrapped processor, step by step
-        if attn.spatial_norm is not None:
-            x = attn.spatial_norm(x, temb)
-        if x.ndim == 4:
-            x = x.flatten(2).transpose(1, 2)
-        if attn.group_norm is not None:
-            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
-        b, heads = x.shape[0], attn.heads
-        split = lambda t: t.reshape(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)
-        q = split(attn.to_q(x))
-        k, v = split(self.inner.to_k_ip[self.adapter](ip)), split(self.inner.to_v_ip[self.adapter](ip))
+        q = split_heads(attn, attn.to_q(attention_input(attn, hidden_states, temb)))  # the wrapped layer's queries
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        k, v = (split_heads(attn, proj[self.adapter](ip)) for proj in (self.inner.to_k_ip, self.inner.to_v_ip))
         self.scores[self.name] = symmetric_aas(q, k, v, self.pairs).cpu()
         return out
 
