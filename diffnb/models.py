@@ -297,7 +297,7 @@ def estimate_memory(name: str, unet_batch: int = 2, vae_images: int | None = Non
     h = heads[top] if isinstance(heads, (tuple, list)) else heads
     scores = h * n * n * 2 * (2 if explicit_attention else 0)  # probabilities and their softmax input
     unet = unet_batch * (feats + scores) / GIB
-    from .inversion import vae_batch_size
+    from .pipeline import vae_batch_size
 
     vae_images = vae_images or vae_batch_size(res, res)
     vae = vae_images * 6 * 128 * res * res * 4 / GIB + 2 * counts["vae"] * 4 / GIB

@@ -429,13 +429,13 @@ class _MetaInsideUNet:
 
 @pytest.mark.parametrize("masks", ["attention", "all"])
 def test_no_tensor_is_built_off_the_models_device(tiny, masks):
-    from diffnb.papers.consistory import _latents
+    from diffnb.pipeline import seeded_latents
     args = replace(ConsiStoryArgs.for_model("toy"), subject_masks=masks, mask_resolutions=None)
     with _MetaInsideUNet(tiny.unet):
         out = generate(tiny, PROMPTS[:3], "heart", args, num_inference_steps=4, seeds=[0, 1, 2])
     assert np.isfinite(out.images).all()
     with torch.device("meta"):  # the steps between the UNet calls
-        assert _latents(tiny, [0, 1], 32, 32).device.type == "cpu"
+        assert seeded_latents(tiny, [0, 1], 32, 32).device.type == "cpu"
         run = _run(n=3)
         run.masks._by_side = {4: torch.rand(3, 16, device="cpu") > 0.5}
         correspondences(run, torch.randn(3, 5, 4, 4, device="cpu"), [4])

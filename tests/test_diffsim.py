@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from diffnb.hooks import capture
-from diffnb.inversion import unet_conditioning
+from diffnb.pipeline import unet_conditioning
 from diffnb.layers import resolution
 from diffnb.models import toy_is_trained
 from diffnb.papers import diffsim as diffsim_module

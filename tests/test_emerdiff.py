@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffnb.inversion import ddim_invert, encode_image
+from diffnb.inversion import ddim_invert
+from diffnb.pipeline import encode_image
 from diffnb.layers import resolution
 from diffnb.models import family, tiny_pipeline
 from diffnb.papers import emerdiff
@@ -113,7 +114,8 @@ def test_hungarian_miou_and_upsampling():
 
 def test_ddpm_inversion_is_exact_and_segments(tiny):
     """Edit-friendly DDPM inversion: sampling from its start with its noises rebuilds x_0; EmerDiff runs on it."""
-    from diffnb.inversion import ddpm_invert, unet_conditioning
+    from diffnb.inversion import ddpm_invert
+    from diffnb.pipeline import unet_conditioning
 
     z0 = encode_image(tiny, image(5))
     inv = ddpm_invert(tiny, z0, 5, start_at=401)

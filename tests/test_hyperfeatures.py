@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from diffnb.hooks import capture
-from diffnb.inversion import ddim_invert, unet_conditioning
+from diffnb.inversion import ddim_invert
+from diffnb.pipeline import unet_conditioning
 from diffnb.metrics import pck
 from diffnb.papers import hyperfeatures as hf, hyperfeatures_eval as hfe, hyperfeatures_train as hft
 from diffnb.papers.spair import spair_pairs

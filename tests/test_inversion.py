@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffnb.inversion import ddim_invert, encode_image, to_tensor_image
+from diffnb.images import to_tensor_image
+from diffnb.inversion import ddim_invert
+from diffnb.pipeline import encode_image
 
 
 class _Out(tuple):

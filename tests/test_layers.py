@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffnb.inversion import unet_conditioning
+from diffnb.pipeline import unet_conditioning
 from diffnb.layers import execution_order, resolution, short_name
 from diffnb.processors import attention_names
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffnb import standin
-from diffnb.inversion import decode_latents, encode_image, vae_batch_size
+from diffnb.pipeline import decode_latents, encode_image, vae_batch_size
 from diffnb.layers import resolution
 from diffnb.models import REGISTRY, load_pipeline, sized, spec
 

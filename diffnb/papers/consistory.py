@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..hooks import capture, token_index
-from ..inversion import decode_latents
+from ..pipeline import decode_latents, seeded_latents
 from ..layers import resolution, select_many
 from ..processors import (AttentionProcessor, attention_names, cfg_halves, extended_attention, patch_attention,
                           track_steps)
@@ -215,11 +215,6 @@ def consistory(unet, run: ConsiStoryRun):
         yield run
 
 
-def _latents(pipe, seeds, height, width):
-    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), device="cpu") for s in seeds])
-
-
 @torch.no_grad()
 def generate(pipe, prompts: list[str], subject_words: list[str] | str, args: ConsiStoryArgs | None = None,
              seeds: list[int] | None = None, anchors: AnchorCache | None = None, cache_anchors: bool | str = False,
@@ -238,7 +233,7 @@ def generate(pipe, prompts: list[str], subject_words: list[str] | str, args: Con
                                   halves, overrides)
     tok = [[token_index(pipe.tokenizer, p, w) for w in words] for p in prompts]
     size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    latents = _latents(pipe, seeds, size, size).to(pipe.device, pipe.unet.dtype)
+    latents = seeded_latents(pipe, seeds, size, size).to(pipe.device, pipe.unet.dtype)
     pipe.scheduler.set_timesteps(num_inference_steps)
     dift_step = int(torch.argmin((pipe.scheduler.timesteps.float() - args.dift_timestep).abs()))
     run = ConsiStoryRun(args, tok, num_inference_steps, halves, anchors, cache_anchors if anchors is None else False)

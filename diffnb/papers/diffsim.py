@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..hooks import capture
-from ..inversion import encode_image, to_tensor_image, unet_conditioning
+from ..images import to_tensor_image
+from ..pipeline import encode_image, unet_conditioning
 from ..layers import select
 from ..processors import AttentionProcessor, attention_names, patch_attention
 

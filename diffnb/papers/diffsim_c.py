@@ -20,7 +20,8 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
-from ..inversion import encode_image, from_tensor_image, unet_conditioning
+from ..images import from_tensor_image
+from ..pipeline import encode_image, unet_conditioning
 from ..layers import select
 from ..processors import attention_input, attention_names, patch_attention, split_heads
 from ..standin_ip_adapter import IP_ADAPTERS, _standin, write_standin_ip_adapter

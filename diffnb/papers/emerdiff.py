@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from ..hooks import capture
 from ..images import to_tensor_image
-from ..inversion import ddim_invert, ddpm_invert, decode_latents, encode_image, unet_conditioning
+from ..inversion import ddim_invert, ddpm_invert
+from ..pipeline import decode_latents, encode_image, unet_conditioning
 from ..layers import resolution, select
 from ..processors import AttentionProcessor, RunState, attention_names, attention_probs, patch_attention, track_steps
 

@@ -33,7 +33,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..hooks import capture
-from ..inversion import ddim_invert, to_tensor_image
+from ..images import to_tensor_image
+from ..inversion import ddim_invert
 from ..layers import select_many
 from ..viz import to_uint8
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..inversion import to_tensor_image
+from ..images import to_tensor_image
 from ..metrics import pck
 from .hyperfeatures import Hyperfeatures
 from .hyperfeatures_train import PairFeatures, pair_features

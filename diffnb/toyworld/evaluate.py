@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..hooks import CrossAttentionStore, token_index
-from ..inversion import encode_image, unet_conditioning
+from ..pipeline import encode_image, unet_conditioning
 from ..metrics import iou, otsu_mask
 from ..processors import patch_attention
 from ..viz import to_uint8
