@@ -73,7 +73,7 @@ def main(argv=None):
         result["variants"][name] = {"emerdiff_miou": float(np.mean(emer)), "baseline_miou": float(np.mean(base)),
                                     "emerdiff_overlap_miou": float(np.mean(emer_overlap)),
                                     "baseline_overlap_miou": float(np.mean(base_overlap)),
-                                    "overlap_gain_interval": paired_bootstrap(base_overlap, emer_overlap)}
+                                    "overlap_gain_interval": paired_bootstrap(base_overlap, emer_overlap) if a.renders > 1 else None}
         print(f"{name:40s} Hungarian: EmerDiff {np.mean(emer):.3f} vs upsampled k-means {np.mean(base):.3f};  "
               f"over-segmented: {np.mean(emer_overlap):.3f} vs {np.mean(base_overlap):.3f} "
               f"(gain {diff.mean():+.3f})", flush=True)
