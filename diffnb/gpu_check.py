@@ -106,8 +106,10 @@ def run_notebook(path: Path, model: str, tiny: bool, timeout: int = 900, count: 
     if injected:
         tally = [[row[0], row[1], row[2], row[3] * scale.get(row[0], 1), *row[4:]] for row in tally]
         result["injected"] = {"cell": injected, "tally_scaled": scale}
+    from .standin import count_divisor
+
     flops = real_flops(model, tally)
-    return {**result, "tally": tally, "real_tflops": {k: v / 1e12 for k, v in flops.items()},
+    return {**result, "tally": tally, "side_divisor": count_divisor(), "real_tflops": {k: v / 1e12 for k, v in flops.items()},
             "t4_minutes_estimated": {k: v / 60 for k, v in t4_seconds(model, tally).items()}}
 
 

@@ -45,9 +45,20 @@ def sized(full, small):
     return small if mode() == "small" else full
 
 
+def count_divisor() -> int:
+    """The count mode's image side divisor: 4, or `DIFFNB_COUNT_DIVISOR` (2 where ÷ 4 leaves a layer too few tokens,
+    e.g. EmerDiff's 20 segments at SD1.5's 16×16 layer)."""
+    value = os.environ.get("DIFFNB_COUNT_DIVISOR", str(SMALL_DIVISOR))
+    if value not in ("1", "2", "4", "8"):
+        raise ValueError(f"DIFFNB_COUNT_DIVISOR={value!r}; allowed: 1, 2, 4 or 8")
+    return int(value)
+
+
 def side(pixels: int) -> int:
     """An image side in pixels as a stand-in run uses it: ÷ 4 under `DIFFNB_STANDIN=1` and `=count`."""
-    return pixels // SMALL_DIVISOR if mode() in ("small", "count") else pixels
+    if mode() == "count":
+        return pixels // count_divisor()
+    return pixels // SMALL_DIVISOR if mode() == "small" else pixels
 
 
 def shrink(spec):

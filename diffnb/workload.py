@@ -23,7 +23,6 @@ import torch
 # agrees within 4 %).
 T4_ANCHOR = dict(iterations_per_second=1.79, unet_items_per_iteration=8, latent_side=64)
 T4_PEAK = dict(fp16_tensor=65e12, fp32=8.1e12)  # NVIDIA's T4 datasheet, FLOP/s
-DIVISOR = 4  # the count mode's image side divisor (standin.SMALL_DIVISOR)
 COMPONENTS = ("unet", "vae_encode", "vae_decode")
 
 TALLY: Counter = Counter()  # (component, height, width) at the stand-in size -> items; aggregator rows carry more
@@ -132,9 +131,12 @@ def anchor_flops_per_second() -> float:
     return a["iterations_per_second"] * a["unet_items_per_iteration"] * flops_per_item("sd15", "unet", side, side)
 
 
-def real_flops(arch: str, tally, divisor: int = DIVISOR) -> dict[str, float]:
+def real_flops(arch: str, tally, divisor: int | None = None) -> dict[str, float]:
     """FLOPs of a count-mode tally (see `tally_json`; sizes at the stand-in's) at the real size: fp16 UNet / VAE
     work per component, and the fp32 aggregator work."""
+    from .standin import count_divisor
+
+    divisor = divisor or count_divisor()
     out = dict.fromkeys(COMPONENTS + ("aggregator_fp32",), 0.0)
     for component, h, w, n, *extra in tally:
         if component in COMPONENTS:
