@@ -129,6 +129,7 @@ def main(argv=None) -> dict:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--notebook-dir", type=Path, default=None, help="default: the repository's notebooks/")
     p.add_argument("--out", type=Path, default=ROOT / "build" / "gpu_check")
+    p.add_argument("--cell-timeout", type=int, default=900, help="seconds a notebook cell may run")
     a = p.parse_args(argv)
     if a.count:
         a.benchmarks = ""
@@ -158,7 +159,7 @@ def main(argv=None) -> dict:
         notebooks = [n for n in notebooks if n.name[:2] in wanted]
     for path in notebooks:
         for model in models:
-            r = run_notebook(path, model, a.tiny, count=a.count)
+            r = run_notebook(path, model, a.tiny, timeout=a.cell_timeout, count=a.count)
             report["notebooks"][f"{path.stem}:{model}"] = r
             if a.count:
                 m = r.get("t4_minutes_estimated")
