@@ -152,6 +152,7 @@ def main(argv=None) -> dict:
     for name in filter(None, a.benchmarks.split(",")):
         report["benchmarks"][name] = run_benchmark(name, a.tiny, a.out)
         print(f"benchmark {name}: {'ok' if report['benchmarks'][name]['ok'] else 'FAILED'}", flush=True)
+    report_path = a.out / ("workload.json" if a.count else "gpu_check.json")
     folder = a.notebook_dir or _folder("notebooks")
     notebooks = sorted(folder.glob("[0-9][0-9]_*.ipynb")) if a.notebooks else []
     if a.notebooks not in ("all", ""):
@@ -168,11 +169,9 @@ def main(argv=None) -> dict:
             else:
                 what = "peak GPU " + ("n/a" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.1f} GiB")
             print(f"{path.stem} on {model}: {'ok' if r['ok'] else 'FAILED'}, {r['seconds']:.0f} s, {what}", flush=True)
-            path = a.out / ("workload.json" if a.count else "gpu_check.json")
-            path.write_text(json.dumps(report, indent=1, default=str))  # after every notebook: a stop loses little
-    path = a.out / ("workload.json" if a.count else "gpu_check.json")
-    path.write_text(json.dumps(report, indent=1, default=str))
-    print("wrote", path)
+            report_path.write_text(json.dumps(report, indent=1, default=str))  # after each notebook: a stop loses little
+    report_path.write_text(json.dumps(report, indent=1, default=str))
+    print("wrote", report_path)
     failed = [k for group in ("benchmarks", "notebooks") for k, v in report[group].items() if not v["ok"]]
     if failed:
         print("FAILED:", ", ".join(failed))

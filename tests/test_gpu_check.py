@@ -18,16 +18,17 @@ def test_gpu_check_tiny_writes_one_json(tmp_path):
               "pipe = load_pipeline(os.environ['DIFFNB_MODEL'])\ns = spec(os.environ['DIFFNB_MODEL'])\n"
               "pipe('a photo', num_inference_steps=2, height=s.resolution, width=s.resolution)")
     _notebook(nbs, "01_broken.ipynb", "raise RuntimeError('this cell fails')")
-    r = gpu_check.main(["--tiny", "--benchmarks", "emerdiff", "--notebook-dir", str(nbs), "--models", "sdxl",
+    r = gpu_check.main(["--tiny", "--benchmarks", "emerdiff", "--notebook-dir", str(nbs), "--models", "sd15,sdxl",
                         "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["device"].startswith("cpu") and saved["tiny"] is True
     assert saved["benchmarks"]["emerdiff"]["ok"], saved["benchmarks"]["emerdiff"].get("error")
     nb = saved["notebooks"]["00_ok:sdxl"]
     assert nb["ok"], nb["error"]
+    assert saved["notebooks"]["00_ok:sd15"]["ok"]  # the second model runs the notebook, not the report
     assert nb["peak_gpu_gib"] is None  # read inside the notebook's kernel; None without CUDA
     assert "this cell fails" in saved["notebooks"]["01_broken:sdxl"]["error"]
-    assert r["failed"] == ["01_broken:sdxl"]
+    assert r["failed"] == ["01_broken:sd15", "01_broken:sdxl"]
 
 
 def test_gpu_check_refuses_a_cpu_run_without_tiny(monkeypatch):
