@@ -46,19 +46,20 @@ def install_tally(pipe) -> None:
     pipe.vae.decoder.register_forward_pre_hook(counter("vae_decode", "z"), with_kwargs=True)
     global _AGGREGATOR_HOOK
     if _AGGREGATOR_HOOK is None:  # aggregators are built later, by the notebook: a global hook sees them
-        _AGGREGATOR_HOOK = torch.nn.modules.module.register_module_forward_hook(_count_aggregator)
+        from .papers.hyperfeatures import AggregationNetwork
+
+        _AGGREGATOR_HOOK = torch.nn.modules.module.register_module_forward_hook(
+            lambda module, args, output: _count_aggregator(module, output) if isinstance(module, AggregationNetwork)
+            else None)
 
 
 _AGGREGATOR_HOOK = None
 
 
-def _count_aggregator(module, args, output):
-    from .papers.hyperfeatures import AggregationNetwork
-
-    if isinstance(module, AggregationNetwork):
-        kind = "aggregator_train" if torch.is_grad_enabled() else "aggregator"
-        shape = (module.num_timesteps, output.shape[1], module.low_memory, tuple(module.layers))
-        TALLY[(kind, module.output_size, module.output_size) + shape] += output.shape[0]
+def _count_aggregator(module, output):
+    kind = "aggregator_train" if torch.is_grad_enabled() else "aggregator"
+    shape = (module.num_timesteps, output.shape[1], module.low_memory, tuple(module.layers))
+    TALLY[(kind, module.output_size, module.output_size) + shape] += output.shape[0]
 
 
 def tally_json() -> str:
@@ -115,13 +116,9 @@ def aggregator_flops(arch: str, layers: tuple, timesteps: int, projection_dim: i
             out = net(feats)
             if train:
                 out.sum().backward()
-        forward = net(feats) if train and low_memory else None
-    total = float(count.get_total_flops())
-    if forward is not None:  # the checkpointed bottlenecks run their forward once more in the backward pass
-        with torch.device("meta"), FlopCounterMode(display=False) as again:
-            net(feats)
-        total += float(again.get_total_flops())
-    return total
+                if low_memory:  # the checkpointed bottlenecks run their forward once more in the backward pass
+                    net(feats)
+    return float(count.get_total_flops())
 
 
 def anchor_flops_per_second() -> float:
