@@ -2,6 +2,7 @@
 architecture built from its config with random weights (timing does not depend on weights).
 
     python benchmarks/style_aligned.py            # toy on CPU -> benchmarks/results/style_aligned_cpu.json
+                                                  # (and the floor: the doubled keys alone)
     python benchmarks/style_aligned.py --sdxl     # GPU: SDXL architecture, 1024², batch 4 under CFG, one UNet step
     python benchmarks/style_aligned.py --tiny     # the --sdxl code path on a tiny SDXL-shaped UNet (smoke test, CPU)
 """
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from diffnb.bench import benchmark_parser, compare
+from diffnb.bench import benchmark_parser, compare, save_result
 from diffnb.papers.style_aligned import StyleAlignedArgs, style_aligned
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -31,6 +32,7 @@ def unet_step(unet, device, dtype, images: int = 4):
 @torch.no_grad()  # not set_grad_enabled: tests call main() and must get grad mode back
 def main(argv=None):
     p = benchmark_parser("sdxl", "full-size SDXL UNet from its config on CUDA, 1024², batch 4 under CFG")
+    p.set_defaults(repeats=7)  # the speed bar is a median of >= 5 interleaved repeats
     a = p.parse_args(argv)
     if a.sdxl or a.tiny:
         from diffnb.models import full_size_unet, tiny_pipeline
@@ -48,15 +50,27 @@ def main(argv=None):
                                "StyleAlignedArgs.for_model('sdxl')" if a.sdxl else
                                "tiny SDXL-shaped UNet (smoke test of the GPU path)")
     from diffnb.models import load_pipeline
+    from diffnb.nb import generator
     pipe = load_pipeline("toy", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
     prompts = ["a red heart", "a blue moon", "a yellow triangle", "a green circle"]
-    run = lambda: pipe(prompts, num_inference_steps=20, guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="np")
-    def method():
-        with style_aligned(pipe.unet):
-            run()
-    return compare("style_aligned_toy", run, method, "cpu", a.repeats, a.out or OUT / "style_aligned_cpu.json",
-                   setting="toy model, 64², batch 4 with CFG, 20 DDIM steps")
+    run = lambda: pipe(prompts, num_inference_steps=20, guidance_scale=5.0, generator=generator(0), output_type="latent")
 
+    def with_args(args):
+        def method():
+            with style_aligned(pipe.unet, args):
+                run()
+        return method
+    setting = "toy model, 64², 4 prompts under CFG 5, 20 DDIM steps, denoising only (notebook 01's timing cell)"
+    # The floor: only the doubled keys (no AdaIN, norms or shift), what attending to 2N keys costs by itself.
+    floor = compare("style_aligned_toy_doubled_keys_only", run, with_args(StyleAlignedArgs.for_model(
+        "toy", adain_queries=False, adain_keys=False, shared_score_shift=0.0, share_group_norm=False,
+        share_layer_norm=False)), "cpu", a.repeats, setting=setting)
+    result = compare("style_aligned_toy", run, with_args(StyleAlignedArgs.for_model("toy")), "cpu", a.repeats,
+                     setting=setting + ", StyleAlignedArgs.for_model('toy')",
+                     doubled_keys_only_ratio=floor["time_ratio"])
+    save_result(result, a.out or OUT / "style_aligned_cpu.json")
+    return result
 
 if __name__ == "__main__":
     main()

@@ -50,3 +50,11 @@ def test_toy_benchmarks_run_and_write(tmp_path):
     s = load_benchmark("style_aligned_toy").main(["--sets", "1", "--out", str(tmp_path / "s.json")])
     assert all(0 <= v["style_agreement"] <= 1 for v in s["variants"].values())
     assert all((tmp_path / f).exists() for f in ("c.json", "e.json", "s.json"))
+
+
+def test_style_aligned_speed_benchmark_reports_the_ratio_and_its_floor(tmp_path):
+    """The toy path of benchmarks/style_aligned.py (the issue-18 speed bar): the method's ratio and the floor's."""
+    r = load_benchmark("style_aligned").main(["--repeats", "1", "--out", str(tmp_path / "sa.json")])
+    assert r["benchmark"] == "style_aligned_toy" and len(r["method"]["times_s"]) == 1
+    assert 1.0 < r["doubled_keys_only_ratio"] < 4 and 1.0 < r["time_ratio"] < 5  # twice the keys cost something
+    assert (tmp_path / "sa.json").exists()

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import math
+from dataclasses import replace
 
 from diffnb.papers.style_aligned import (SharedAttention, StyleAlignedArgs, TransferArgs, generate, style_aligned,
                                          transfer)
@@ -63,7 +64,7 @@ def test_restores_processors_and_norm_layers(tiny):
     and a norm whose forward something else replaced is refused rather than stacked on."""
     unet = tiny.unet
     before = dict(unet.attn_processors)
-    norms = [m for m in unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+    norms = [m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)]  # per-token LayerNorms are skipped
     with pytest.raises(RuntimeError):
         with style_aligned(unet):
             assert all("forward" in vars(m) for m in norms)
@@ -190,6 +191,27 @@ def test_group_norms_follow_the_models_official_setting(name):
     expected = shared if OFFICIAL_T2I[name]["share_group_norm"] else plain
     assert (y - expected).abs().max().item() <= 1e-4
     assert (shared - plain)[[1, 2, 3, 5, 6, 7]].abs().max().item() > 1e-3  # the test can tell the two apart
+
+
+def test_skipping_per_token_layer_norms_leaves_the_images_bitwise_unchanged():
+    """The official handler also shares every LayerNorm; a per-token one cannot change, so we skip it for speed.
+    Same images as with them shared (the official behaviour, forced here), and a LayerNorm that normalises over the
+    token axis too is still shared."""
+    from diffnb.models import tiny_pipeline
+    from diffnb.papers.style_aligned import _shared_norms, _shares_statistics
+    pipe = tiny_pipeline("sd15")
+    run = lambda: pipe(PROMPTS, num_inference_steps=2, guidance_scale=5.0, generator=gen(0), output_type="latent").images
+    layer_norms = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert layer_norms
+    with style_aligned(pipe.unet, StyleAlignedArgs.for_model("sd15")):
+        ours = run()
+        with _shared_norms(layer_norms, halves=2):  # the official behaviour on top
+            official = run()
+    assert torch.equal(ours, official)
+    args = StyleAlignedArgs.for_model("sd15")
+    assert not _shares_statistics(torch.nn.LayerNorm(8), args)
+    assert _shares_statistics(torch.nn.LayerNorm((4, 8)), args) and _shares_statistics(torch.nn.GroupNorm(2, 8), args)
+    assert not _shares_statistics(torch.nn.LayerNorm((4, 8)), replace(args, share_layer_norm=False))
 
 
 def test_pinned_reference_follows_the_official_offset_schedule():
