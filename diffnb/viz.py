@@ -147,8 +147,10 @@ def anatomy_figure(rows: list[dict], title: str = "attention layers in execution
     """Every attention layer as a marker: x = execution order (down, mid, up), y = resolution, colour = kind."""
     import matplotlib.pyplot as plt
 
-    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-    rows = sorted(rows, key=lambda r: (order.get(r["name"].split(".")[0], 3),))  # stable: keeps block order
+    from .layers import execution_order
+
+    order = {name: i for i, name in enumerate(execution_order([r["name"] for r in rows]))}
+    rows = sorted(rows, key=lambda r: order[r["name"]])
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(rows)), 3))
     for i, r in enumerate(rows):
         ax.scatter(i, r["resolution"], c="tab:blue" if r["kind"] == "self" else "tab:orange", s=40,

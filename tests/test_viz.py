@@ -44,8 +44,14 @@ def test_figures_build():
     with pytest.raises(ValueError):
         token_maps(img, torch.rand(4, 4, 3), ["x", "y"])
     rows = [dict(name="down_blocks.0.a.attn1", kind="self", resolution=16),
-            dict(name="up_blocks.0.a.attn2", kind="cross", resolution=8)]
-    anatomy_figure(rows)
+            dict(name="up_blocks.0.attentions.1.attn1", kind="self", resolution=8),
+            dict(name="up_blocks.0.attentions.0.attn2", kind="cross", resolution=8),
+            dict(name="mid_block.attentions.0.attn1", kind="self", resolution=4)]  # attn_processors' order
+    fig = anatomy_figure(rows)  # drawn in execution order: down, mid, then up's attention 0 before attention 1
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["down", "mid", "up", "up"]
+    drawn = [c for c in fig.axes[0].collections if len(c.get_offsets())]
+    orange = tuple(matplotlib.colors.to_rgba("tab:orange"))
+    assert [tuple(c.get_facecolor()[0]) == orange for c in drawn] == [False, False, True, False]  # the cross layer 3rd
     assert browse({("a", 1): img, ("a", 2): img}) is not None
 
 
