@@ -1,7 +1,8 @@
 """Measure the toy model against its acceptance bars and write the model card's numbers.
 
 `python -m diffnb.toyworld.evaluate` prints a table and writes assets/toy/metrics.json + samples.png.
-All prompts and seeds come from the held-out split.
+All prompts and seeds come from the held-out split. Scenes and renders are of one world (`--world`, default the
+model's training world); the probes must have been trained on that world (`Probes(path).world`).
 """
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ from ..metrics import iou, otsu_mask
 from ..processors import patch_attention
 from ..viz import to_uint8
 from .data import ToyDataset, scene_rng
-from .probes import HEADS, Probes
+from .probes import PROBE_FILE, Probes, check_world
 from .prompts import describe, prompt
-from .world import BACKGROUNDS, COLORS, SHAPES, random_scene
+from .world import BACKGROUNDS, COLORS, SHAPES, WORLDS, random_scene, world_config
 
 BARS = {"fidelity_shape": 0.90, "fidelity_color": 0.85, "fidelity_background": 0.80, "diversity": 0.5,
         "attention_iou": 0.5, "load_seconds": 5.0, "batch4_seconds": 10.0}
@@ -39,9 +40,11 @@ def generate(pipe, prompts, seeds, batch: int = 25, **kw) -> np.ndarray:
     return np.concatenate(out)
 
 
-def fidelity(pipe, probes: Probes, n: int = 200, **kw) -> dict:
-    """Probe accuracy on generations whose held-out prompts name shape, colour and background."""
-    scenes = [random_scene(scene_rng("heldout", 10_000 + i), n_objects=1) for i in range(n)]
+def fidelity(pipe, probes: Probes, n: int = 200, world: str | None = None, return_images: bool = False, **kw):
+    """Probe accuracy on generations whose held-out prompts (one-object scenes of `world`, default the probes')
+    name shape, colour and background. `return_images`: (metrics, the uint8 generations) instead of metrics."""
+    world = check_world(probes, world)
+    scenes = [random_scene(scene_rng("heldout", 10_000 + i), n_objects=1, world=world) for i in range(n)]
     images = generate(pipe, [describe(s) for s in scenes], [10_000 + i for i in range(n)], **kw)
     pred = probes.predict(images)
     truth = {"shape": [s.objects[0].shape for s in scenes], "color": [s.objects[0].color for s in scenes],
@@ -49,7 +52,7 @@ def fidelity(pipe, probes: Probes, n: int = 200, **kw) -> dict:
     out = {f"fidelity_{k}": float(np.mean([a == b for a, b in zip(pred[k], truth[k])])) for k in truth}
     misses = Counter(f"{t} -> {p}" for t, p in zip(truth["shape"], pred["shape"]) if t != p)
     out["shape_confusions"] = dict(misses.most_common())  # prompted -> what the probe saw
-    return out
+    return (out, images) if return_images else out
 
 
 def normalized_entropy(labels, classes) -> float:
@@ -58,29 +61,33 @@ def normalized_entropy(labels, classes) -> float:
     return float(-(p * np.log(p)).sum() / np.log(len(classes)))
 
 
-def diversity(pipe, probes: Probes, n: int = 100, **kw) -> dict[str, float]:
-    """Entropy (fraction of the maximum) of what the probe sees when the prompt leaves an attribute out."""
+def diversity(pipe, probes: Probes, n: int = 100, world: str | None = None, **kw) -> dict[str, float]:
+    """Entropy (fraction of the maximum) of what the probe sees when the prompt leaves an attribute out.
+    The prompts are the same in every world; `world` (default the probes') only has to be the probes'."""
+    check_world(probes, world)
     cases = {"shape": prompt(color="red", background="striped"), "color": prompt("heart", background="dotted"),
              "background": prompt("moon", "blue")}
     out = {}
     for attr, text in cases.items():
         images = generate(pipe, [text] * n, [20_000 + i for i in range(n)], **kw)
-        out[f"diversity_{attr}"] = normalized_entropy(probes.predict(images)[attr], HEADS[attr])
+        out[f"diversity_{attr}"] = normalized_entropy(probes.predict(images)[attr], probes.heads[attr])
     return out
 
 
 @torch.no_grad()
-def attention_iou(pipe, n: int = 50, timesteps=(50, 150), resolution: int | None = 16, word: str = "shape") -> float:
+def attention_iou(pipe, n: int = 50, timesteps=(50, 150), resolution: int | None = 16, word: str = "shape",
+                  world: str = "v1") -> float:
     """Mean IoU between the Otsu-thresholded cross-attention map of the object's word and the object's mask.
 
     Held-out renders are encoded, noised to a few timesteps and denoised once with their prompt; the word's map
     is averaged over the layers at `resolution` (None: all, upsampled), heads and those timesteps (as DAAM does
-    on real images). `word`: "shape" (the noun) or "color". The toy's 8x8 maps are too coarse for a 64 px mask:
-    averaging them in (resolution=None, timesteps 200/400/600, the first protocol) gives lower IoU.
+    on real images); the renders are of `world`. `word`: "shape" (the noun) or "color". The toy's 8x8 maps are
+    too coarse for a 64 px mask: averaging them in (resolution=None, timesteps 200/400/600, the first protocol)
+    gives lower IoU.
     """
     if word not in ("shape", "color"):
         raise ValueError(f"word must be 'shape' or 'color', got {word!r}")
-    ds = ToyDataset("heldout", n, n_objects=1)
+    ds = ToyDataset("heldout", n, n_objects=1, world=world)
     scores = []
     for i in tqdm(range(n), desc="attention IoU", leave=False):
         r = ds[i]
@@ -148,8 +155,7 @@ A Stable-Diffusion-shaped text-to-image model of the toy world (`diffnb.toyworld
 CPU, loaded by `load_pipeline("toy")` through `StableDiffusionPipeline.from_pretrained` like any hub model.
 
 ## Data
-Procedural 64×64 renders: one object (80 %) or two (20 %) of {shapes} in {colors}, with an unnamed appearance
-detail ({details}), on a {backgrounds} background (3 pale palettes, random phase); random position, scale,
+Procedural 64×64 renders{of_world}: {objects} of {shapes} in {colors}, with an unnamed {identity} ({details}), on a {backgrounds} background (3 pale palettes, {bg_layout}); random position, scale,
 rotation. Prompts from the grammar "a <colour> <shape> [and a ...] on a <style> background"; in training the
 shape (15 %), colour (25 %) and background (30 %) are dropped at random and 10 % of prompts are empty
 (classifier-free guidance). Training split: scene seeds `[0, i]`; every evaluation uses the held-out split `[1, i]`.
@@ -184,6 +190,19 @@ Probe held-out accuracy (blurred renders): {probe}.
 """
 
 
+def _count_mix(probs) -> str:
+    """(0.8, 0.2) -> "one object (80 %) or two (20 %)"."""
+    parts = [f"{w} ({p:.0%})".replace("%", " %") for w, p in zip(("one object", "two", "three"), probs)]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
+
+
+def model_world(model_dir: Path) -> str:
+    """The world a model folder was trained on: training_config.json's args.world, v1 when absent."""
+    cfg = Path(model_dir) / "training_config.json"
+    world = json.loads(cfg.read_text())["args"].get("world", "v1") if cfg.exists() else "v1"
+    return world_config(world).name
+
+
 def grounding_note(cfg: dict) -> str:
     if not cfg.get("grounding") or cfg.get("grounding_from") is None:
         return "The cross-attention was not supervised: where it localises, that is emergent."
@@ -209,8 +228,9 @@ def _narrow_margin(m: dict) -> str:
             f"{se:.3f}), so that one is met narrowly.")
 
 
-def write_card(m: dict, out_dir: Path):
+def write_card(m: dict, out_dir: Path, world: str = "v1"):
     cfg = json.loads((out_dir / "training_config.json").read_text())["args"]
+    wc = world_config(world)
     lines, unmet = [], []
     for k, v in m.items():
         if isinstance(v, float):
@@ -228,7 +248,10 @@ def write_card(m: dict, out_dir: Path):
               "and if that is not enough, a simpler world (fewer shape classes, or larger objects, so that outlines "
               "differ at 16×16 latents) rather than a lower bar.")
     (out_dir / "README.md").write_text(CARD.format(
-        shapes=", ".join(SHAPES), colors=", ".join(COLORS), details=", ".join(HEADS["detail"]),
+        of_world="" if wc.name == "v1" else f" of world `{wc.name}`", objects=_count_mix(wc.object_probs),
+        identity="appearance\ndetail" if wc.identity == "mark" else "pattern over\nthe whole object",
+        bg_layout="random phase" if wc.background == "periodic" else "local, non-periodic textures",
+        shapes=", ".join(SHAPES), colors=", ".join(COLORS), details=", ".join(wc.details),
         backgrounds="/".join(BACKGROUNDS), status=status, vae_steps=cfg["vae_steps"], unet_steps=cfg.get("trained_unet_steps", cfg["unet_steps"]),
         batch=cfg["batch"], lr=cfg["lr"], grounding=grounding_note(cfg),
         cooldown=f" (decayed linearly to 0 from step {cfg['cooldown_from']:,})" if cfg.get("cooldown_from") else "", device=cfg.get("device", "cpu"), table="\n".join(lines),
@@ -243,16 +266,22 @@ def main(argv=None):
     p.add_argument("--n-diversity", type=int, default=100)
     p.add_argument("--n-iou", type=int, default=50)
     p.add_argument("--out", type=Path, default=TOY_DIR / "metrics.json")
+    p.add_argument("--world", default=None, choices=tuple(WORLDS),
+                   help="the world of the scored scenes (default: training_config.json's args.world, else v1)")
+    p.add_argument("--probes", type=Path, default=PROBE_FILE, help="probes trained on that world")
     a = p.parse_args(argv)
+    world = a.world or model_world(TOY_DIR)
+    probes = Probes(a.probes)
+    check_world(probes, world)  # before minutes of generation, not after
     pipe = load_pipeline("toy", device="cpu")
     pipe.set_progress_bar_config(disable=True)
-    probes = Probes()
-    m = {**speed(), **fidelity(pipe, probes, a.n_fidelity), **diversity(pipe, probes, a.n_diversity),
-         "attention_iou": attention_iou(pipe, a.n_iou), "attention_iou_color": attention_iou(pipe, a.n_iou, word="color"),
-         "attention_iou_all_resolutions": attention_iou(pipe, a.n_iou, (200, 400, 600), resolution=None),
+    m = {**speed(), **fidelity(pipe, probes, a.n_fidelity, world), **diversity(pipe, probes, a.n_diversity, world),
+         "attention_iou": attention_iou(pipe, a.n_iou, world=world),
+         "attention_iou_color": attention_iou(pipe, a.n_iou, word="color", world=world),
+         "attention_iou_all_resolutions": attention_iou(pipe, a.n_iou, (200, 400, 600), resolution=None, world=world),
          "probe_heldout_accuracy": probes.heldout_accuracy,
          "n_fidelity": a.n_fidelity, "n_diversity": a.n_diversity, "n_iou": a.n_iou,
-         "sampler": {"steps": 20, "guidance": 5.0, "scheduler": "DDIM"}, "device": "cpu"}
+         "sampler": {"steps": 20, "guidance": 5.0, "scheduler": "DDIM"}, "device": "cpu", "world": world}
     print(f"{'metric':24s} {'value':>8s} {'bar':>8s}")
     ok = True
     for k, v in m.items():
@@ -263,7 +292,7 @@ def main(argv=None):
             print(f"{k:24s} {v:8.3f} {'' if bar is None else f'{bar:8.2f}'} {'' if passed else '  BELOW BAR'}")
     a.out.write_text(json.dumps(m, indent=1))
     samples_figure(pipe, a.out.parent / "samples.png")
-    write_card(m, a.out.parent)
+    write_card(m, a.out.parent, world)
     print("all bars met" if ok else "some bars are not met")
     return m
 

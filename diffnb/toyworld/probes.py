@@ -2,7 +2,9 @@
 
 They stand in for CLIP/DINO when scoring toy generations, so they are trained on renders with blur and
 noise (generations are softer than renders) and their own held-out accuracy is reported next to every use.
-Train: `python -m diffnb.toyworld.probes` (a few minutes on a CPU); shipped as assets/toy/probes.safetensors.
+Train: `python -m diffnb.toyworld.probes` (a few minutes on a CPU); shipped as assets/toy/probes.safetensors (world
+v1). For another world: `python -m diffnb.toyworld.probes --world v2 --out PATH`; the file's safetensors metadata
+records the world it was trained on (no metadata: v1), so a scorer can refuse images of another world.
 """
 from __future__ import annotations
 
@@ -17,14 +19,29 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import ToyDataset
-from .world import BACKGROUNDS, COLORS, DETAILS, SHAPES
+from .world import BACKGROUNDS, COLORS, DETAILS, SHAPES, world_config
 
-HEADS = {"shape": SHAPES, "color": tuple(COLORS), "background": BACKGROUNDS, "detail": DETAILS}
+HEADS = {"shape": SHAPES, "color": tuple(COLORS), "background": BACKGROUNDS, "detail": DETAILS}  # world v1's
 PROBE_FILE = Path(__file__).resolve().parents[1] / "assets" / "toy" / "probes.safetensors"
 
 
+def heads(world: str = "v1") -> dict[str, tuple[str, ...]]:
+    """The class names each head reads in `world`: only the unnamed identity ("detail") differs between worlds."""
+    return {**HEADS, "detail": world_config(world).details}
+
+
+def probe_world(path: Path) -> str:
+    """The world a probe file was trained on: its safetensors metadata "world", or v1 for files without one."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        world = (f.metadata() or {}).get("world", "v1")
+    world_config(world)  # an unknown name is an error here, not a silent mislabel later
+    return world
+
+
 class Probe(nn.Module):
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 32, world: str = "v1"):
         super().__init__()
         c = [width, width * 2, width * 4, width * 4]
         layers = [nn.Conv2d(3, width, 5, stride=2, padding=2), nn.BatchNorm2d(width), nn.ReLU()]  # 64 -> 32 px
@@ -32,7 +49,7 @@ class Probe(nn.Module):
             layers += [nn.Conv2d(c[i], c[i + 1], 3, padding=1), nn.BatchNorm2d(c[i + 1]), nn.ReLU(),
                        nn.Conv2d(c[i + 1], c[i + 1], 3, padding=1), nn.BatchNorm2d(c[i + 1]), nn.ReLU(), nn.MaxPool2d(2)]
         self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.heads = nn.ModuleDict({k: nn.Linear(c[-1], len(v)) for k, v in HEADS.items()})
+        self.heads = nn.ModuleDict({k: nn.Linear(c[-1], len(v)) for k, v in heads(world).items()})
 
     def forward(self, x):  # x: (B, 3, 64, 64) in [0, 1]
         h = self.body(x)
@@ -53,14 +70,18 @@ def _batch(images) -> torch.Tensor:
 
 
 class Probes:
-    """Loaded probes: `probes.predict(images)` -> {"shape": ["heart", ...], ...}; images uint8 or [0,1] floats."""
+    """Loaded probes: `probes.predict(images)` -> {"shape": ["heart", ...], ...}; images uint8 or [0,1] floats.
+
+    `.world`: the world they were trained on (their labels and held-out accuracy hold for that world only)."""
 
     def __init__(self, path: Path = PROBE_FILE):
         from safetensors.torch import load_file
 
         if not Path(path).exists():
             raise FileNotFoundError(f"no probes at {path}: train them with `python -m diffnb.toyworld.probes`")
-        self.net = Probe()
+        self.path, self.world = Path(path), probe_world(path)
+        self.heads = heads(self.world)
+        self.net = Probe(world=self.world)
         self.net.load_state_dict(load_file(path))
         self.net.eval()
         meta = Path(path).with_suffix(".json")
@@ -78,7 +99,7 @@ class Probes:
         return {k: head(h).softmax(-1).numpy() for k, head in self.net.heads.items()}
 
     def predict(self, images) -> dict[str, list[str]]:
-        return {k: [HEADS[k][i] for i in p.argmax(-1)] for k, p in self.probabilities(images).items()}
+        return {k: [self.heads[k][i] for i in p.argmax(-1)] for k, p in self.probabilities(images).items()}
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -99,25 +120,42 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def _labels(renders) -> dict[str, torch.Tensor]:
+def _labels(renders, world: str = "v1") -> dict[str, torch.Tensor]:
+    """Class indices of each render's first object and background, in `world`'s heads."""
+    if other := sorted({r.scene.world for r in renders} - {world_config(world).name}):
+        raise ValueError(f"labels for world {world!r} asked of renders of world(s) {other}")
+    details = world_config(world).details
     return {"shape": torch.tensor([SHAPES.index(r.scene.objects[0].shape) for r in renders]),
             "color": torch.tensor([list(COLORS).index(r.scene.objects[0].color) for r in renders]),
             "background": torch.tensor([BACKGROUNDS.index(r.scene.background) for r in renders]),
-            "detail": torch.tensor([DETAILS.index(r.scene.objects[0].detail) for r in renders])}
+            "detail": torch.tensor([details.index(r.scene.objects[0].detail) for r in renders])}
 
 
-def evaluate(probes: Probes, n: int = 1000) -> dict[str, float]:
-    """Accuracy on held-out single-object renders (blurred like generations), per attribute."""
-    renders = [ToyDataset("heldout", n, n_objects=1)[i] for i in range(n)]
+def check_world(probes, world: str | None) -> str:
+    """`world`, or the probes' own when None; a ValueError when the probes were trained on another world (their
+    detail head names other classes, and their accuracy was measured on other images)."""
+    own = getattr(probes, "world", "v1")
+    world = own if world is None else world_config(world).name
+    if world != own:
+        raise ValueError(f"these probes ({getattr(probes, 'path', 'in memory')}) were trained on world {own!r}, "
+                         f"not {world!r}: train probes for it with `python -m diffnb.toyworld.probes --world {world} "
+                         "--out PATH` and load them with Probes(PATH)")
+    return world
+
+
+def evaluate(probes: Probes, n: int = 1000, world: str | None = None) -> dict[str, float]:
+    """Accuracy on held-out single-object renders of `world` (default: the probes'; blurred like generations)."""
+    world = check_world(probes, world)
+    renders = [ToyDataset("heldout", n, n_objects=1, world=world)[i] for i in range(n)]
     x = _augment(_batch([r.image for r in renders]), torch.Generator().manual_seed(123))
     pred = probes.probabilities(x)
-    return {k: float((pred[k].argmax(-1) == v.numpy()).mean()) for k, v in _labels(renders).items()}
+    return {k: float((pred[k].argmax(-1) == v.numpy()).mean()) for k, v in _labels(renders, world).items()}
 
 
 def fit_probe(images: torch.Tensor, labels: dict[str, torch.Tensor], steps: int, batch: int, seed: int,
-              progress: bool = True) -> Probe:
+              progress: bool = True, world: str = "v1") -> Probe:
     """A new probe trained on (images, labels) with augmentation, AdamW and a one-cycle schedule; in eval mode."""
-    net = Probe()
+    net = Probe(world=world)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
@@ -132,28 +170,38 @@ def fit_probe(images: torch.Tensor, labels: dict[str, torch.Tensor], steps: int,
     return net.eval()
 
 
-def train(steps: int = 1500, batch: int = 64, n_images: int = 12_000, out: Path = PROBE_FILE, seed: int = 0):
+def train(steps: int = 1500, batch: int = 64, n_images: int = 12_000, out: Path = PROBE_FILE, seed: int = 0,
+          world: str = "v1", n_heldout: int = 1000, progress: bool = True) -> dict[str, float]:
+    """Train probes on one-object renders of `world`, save them to `out` (metadata {"world": world}) with their
+    held-out accuracy on `n_heldout` blurred renders next to it (.json); returns that accuracy."""
     from safetensors.torch import save_file
 
-    torch.manual_seed(seed)
-    ds = ToyDataset("train", n_images, n_objects=1)
-    renders = [ds[i] for i in tqdm(range(n_images), desc="render")]
-    net = fit_probe(_batch([r.image for r in renders]), _labels(renders), steps, batch, seed)
+    world = world_config(world).name
     out = Path(out)
+    if world != "v1" and out.resolve() == PROBE_FILE.resolve():
+        raise ValueError(f"{PROBE_FILE} holds the shipped v1 probes; give probes of world {world!r} another `out`")
+    torch.manual_seed(seed)
+    ds = ToyDataset("train", n_images, n_objects=1, world=world)
+    renders = [ds[i] for i in tqdm(range(n_images), desc="render", disable=not progress)]
+    net = fit_probe(_batch([r.image for r in renders]), _labels(renders, world), steps, batch, seed, progress, world)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out)
-    acc = evaluate(Probes(out))
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out, metadata={"world": world})
+    acc = evaluate(Probes(out), n_heldout)
     out.with_suffix(".json").write_text(json.dumps({"heldout_accuracy": acc, "steps": steps, "batch": batch,
-                                                    "n_images": n_images}, indent=1))
-    print("held-out accuracy:", acc)
+                                                    "n_images": n_images, "world": world}, indent=1))
     return acc
 
 
 if __name__ == "__main__":
+    from .world import WORLDS
+
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--out", type=Path, default=PROBE_FILE)
+    p.add_argument("--world", default="v1", choices=tuple(WORLDS), help="the world whose renders train the probes")
+    p.add_argument("--out", type=Path, default=None, help=f"where to save them (default for v1: {PROBE_FILE})")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
+    if a.out is None and a.world != "v1":
+        p.error(f"--out is required for --world {a.world} ({PROBE_FILE} holds the shipped v1 probes)")
     torch.set_num_threads(a.threads)
-    train(steps=a.steps, out=a.out)
+    print("held-out accuracy:", train(steps=a.steps, out=a.out or PROBE_FILE, world=a.world))

@@ -1,0 +1,133 @@
+"""Probes and the fidelity / diversity scorers for any toy world, with world v1's behaviour unchanged."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from diffnb.toyworld import ToyDataset
+from diffnb.toyworld import probes as probes_module
+from diffnb.toyworld.data import scene_rng
+from diffnb.toyworld.evaluate import diversity, fidelity, main, model_world
+from diffnb.toyworld.probes import HEADS, PROBE_FILE, Probes, _labels, evaluate, train
+from diffnb.toyworld.prompts import describe
+from diffnb.toyworld.world import PATTERNS, random_scene
+
+
+class RecordingPipe:
+    """Stands in for a pipeline: records the prompts, returns grey images."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def __call__(self, prompts, generator, output_type, **kw):
+        self.prompts += list(prompts)
+        return type("Out", (), {"images": np.full((len(prompts), 64, 64, 3), 0.5, np.float32)})()
+
+
+@pytest.fixture(scope="module")
+def v2_probes(tmp_path_factory):
+    """A tiny probe training on world v2 (a few steps on a few images: the plumbing, not the accuracy)."""
+    out = tmp_path_factory.mktemp("probes") / "v2.safetensors"
+    acc = train(steps=3, batch=8, n_images=16, out=out, world="v2", n_heldout=16, progress=False)
+    return out, acc
+
+
+def test_v1_labels_are_unchanged():
+    renders = [ToyDataset("train", 6, n_objects=1)[i] for i in range(6)]
+    before_worlds = {"shape": [0, 1, 4, 2, 3, 1], "color": [0, 4, 0, 1, 2, 1], "background": [3, 0, 0, 1, 3, 0],
+                     "detail": [0, 2, 1, 2, 0, 1]}  # what _labels gave before it took a world
+    assert {k: v.tolist() for k, v in _labels(renders).items()} == before_worlds
+    assert {k: v.tolist() for k, v in _labels(renders, "v1").items()} == before_worlds
+
+
+def test_shipped_probes_are_v1():
+    with safe_open(str(PROBE_FILE), "pt") as f:
+        assert not (f.metadata() or {}).get("world")  # no metadata: read as v1
+    probes = Probes()
+    assert probes.world == "v1" and probes.heads == HEADS
+
+
+def test_pattern_world_detail_labels_come_from_patterns():
+    renders = [ToyDataset("train", 12, n_objects=1, world="pattern")[i] for i in range(12)]
+    details = [r.scene.objects[0].detail for r in renders]
+    assert {"spots", "stripes"} & set(details)
+    assert _labels(renders, "pattern")["detail"].tolist() == [PATTERNS.index(d) for d in details]
+    with pytest.raises(ValueError, match="world"):
+        _labels(renders)  # v1's labels of pattern renders
+
+
+def test_tiny_v2_probes_record_their_world(v2_probes):
+    out, acc = v2_probes
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata() == {"world": "v2"}
+    probes = Probes(out)
+    assert probes.world == "v2" and probes.heads["detail"] == PATTERNS
+    assert probes.heldout_accuracy == acc and json.loads(out.with_suffix(".json").read_text())["world"] == "v2"
+    images = np.stack([ToyDataset("heldout", 4, n_objects=1, world="v2")[i].image for i in range(4)])
+    probes.net.heads["detail"].weight.data.zero_()
+    probes.net.heads["detail"].bias.data = torch.tensor([0.0, 0.0, 9.0])  # the last class wins: v2's "stripes"
+    assert probes.predict(images)["detail"] == ["stripes"] * 4
+
+
+def test_training_another_world_refuses_the_shipped_file(monkeypatch):
+    def no_rendering(*a, **kw):
+        raise RuntimeError("training started")  # the check must come first, so the shipped file is never touched
+
+    monkeypatch.setattr(probes_module, "ToyDataset", no_rendering)
+    with pytest.raises(ValueError, match="shipped v1 probes"):
+        train(steps=1, n_images=1, out=PROBE_FILE, world="v2")
+
+
+def test_scorers_refuse_probes_of_another_world(v2_probes):
+    shipped, v2 = Probes(), Probes(v2_probes[0])
+    with pytest.raises(ValueError, match="trained on world 'v1', not 'v2'"):
+        fidelity(RecordingPipe(), shipped, 2, world="v2")
+    with pytest.raises(ValueError, match="trained on world 'v2', not 'v1'"):
+        diversity(RecordingPipe(), v2, 2, world="v1")
+    with pytest.raises(ValueError, match="trained on world 'v1', not 'pattern'"):
+        evaluate(shipped, 2, world="pattern")
+    with pytest.raises(ValueError, match="unknown world"):
+        fidelity(RecordingPipe(), shipped, 2, world="v3")
+
+
+def test_fidelity_draws_scenes_of_the_probes_world(v2_probes, monkeypatch):
+    from diffnb.toyworld import evaluate as evaluate_module
+
+    worlds = []
+
+    def recording_scene(*a, world="v1", **kw):
+        worlds.append(world)
+        return random_scene(*a, world=world, **kw)
+
+    def heldout_prompts(world):  # one-object scenes of v1 and v2 share their prompts: the stream differs later
+        return [describe(random_scene(scene_rng("heldout", 10_000 + i), n_objects=1, world=world)) for i in range(4)]
+
+    monkeypatch.setattr(evaluate_module, "random_scene", recording_scene)
+    pipe = RecordingPipe()
+    fidelity(pipe, Probes(), 4)
+    assert worlds == ["v1"] * 4 and pipe.prompts == heldout_prompts("v1")
+    worlds.clear()
+    pipe = RecordingPipe()
+    m, images = fidelity(pipe, Probes(v2_probes[0]), 4, return_images=True)
+    assert worlds == ["v2"] * 4 and pipe.prompts == heldout_prompts("v2")
+    assert images.shape == (4, 64, 64, 3) and {"fidelity_shape", "shape_confusions"} <= set(m)
+
+
+def test_evaluate_cli_world_defaults_to_the_model_and_checks_the_probes(tmp_path, monkeypatch):
+    import diffnb.models
+
+    assert model_world(tmp_path) == "v1"
+    (tmp_path / "training_config.json").write_text(json.dumps({"args": {"world": "v2"}}))
+    assert model_world(tmp_path) == "v2"
+
+    def no_loading(*a, **kw):
+        raise RuntimeError("the pipeline was loaded")  # the check must come before minutes of generation
+
+    monkeypatch.setattr(diffnb.models, "load_pipeline", no_loading)
+    with pytest.raises(ValueError, match="trained on world 'v1', not 'v2'"):
+        main(["--world", "v2", "--out", str(tmp_path / "metrics.json")])
+    monkeypatch.setattr(diffnb.models, "TOY_DIR", tmp_path)  # a model folder trained on v2: its world by default
+    with pytest.raises(ValueError, match="trained on world 'v1', not 'v2'"):
+        main(["--out", str(tmp_path / "metrics.json")])
