@@ -1,10 +1,11 @@
 """Score a trained pilot: `python pilots/score_pilot.py NAME [--sizes small]` -> pilots/results/NAME.json.
 
 1. Scorer: the shipped probes for world v1; for another world, probes of the same architecture trained on that
-   world's renders (1,500 steps, as the shipped ones; cached in /work/pilot_runs/NAME/probes.safetensors), with
-   their held-out accuracy on blurred renders of the world.
+   world's renders (`diffnb.toyworld.probes.train`, 1,500 steps, as the shipped ones; cached in
+   /work/pilot_runs/NAME/probes.safetensors, their world in its metadata), with their held-out accuracy on blurred
+   renders of the world.
 2. Fidelity: probe accuracy (shape / colour / background) on generations of 100 held-out one-object scenes of the
-   world whose prompts name all three (as `diffnb.toyworld.evaluate.fidelity`, which reads v1 only).
+   world whose prompts name all three (`diffnb.toyworld.evaluate.fidelity`).
 3. Premises: `diffnb.premises.toy_premises` on the world's prompts and renders.
 Plus the training record: steps, final smoothed denoising loss, CPU seconds (cpu.jsonl).
 """
@@ -25,53 +26,27 @@ from pilots.run_pilot import BUDGET, PILOTS, RESULTS, RUNS  # noqa: E402
 
 
 def world_probes(world: str, out: Path, steps: int = 1500, n_images: int = 12_000, batch: int = 64, seed: int = 0):
-    """Probes (the shipped architecture and recipe) trained on one-object renders of `world`."""
-    from safetensors.torch import save_file
+    """Probes (the shipped architecture and recipe) trained on one-object renders of `world`, cached at `out`.
 
-    from diffnb.toyworld.data import ToyDataset
-    from diffnb.toyworld.probes import Probes, _augment, _batch, fit_probe
-    from diffnb.toyworld.world import BACKGROUNDS, COLORS, SHAPES, world_config
+    A cached file trained on another world (or written before probe files recorded their world, so read as v1) is
+    retrained: its detail head would name the wrong classes."""
+    from diffnb.toyworld.probes import Probes, evaluate, probe_world, train
 
-    details = world_config(world).details
-
-    def labels(renders):
-        o = [r.scene.objects[0] for r in renders]
-        return {"shape": torch.tensor([SHAPES.index(x.shape) for x in o]),
-                "color": torch.tensor([list(COLORS).index(x.color) for x in o]),
-                "background": torch.tensor([BACKGROUNDS.index(r.scene.background) for r in renders]),
-                "detail": torch.tensor([details.index(x.detail) for x in o])}
-
-    if not out.exists():
-        torch.manual_seed(seed)
-        ds = ToyDataset("train", n_images, n_objects=1, world=world)
-        renders = [ds[i] for i in range(n_images)]
-        net = fit_probe(_batch([r.image for r in renders]), labels(renders), steps, batch, seed, progress=False)
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out)
+    if not out.exists() or probe_world(out) != world:
+        train(steps=steps, batch=batch, n_images=n_images, out=out, seed=seed, world=world, progress=False)
     probes = Probes(out)
-    held = [ToyDataset("heldout", 1000, n_objects=1, world=world)[i] for i in range(1000)]
-    x = _augment(_batch([r.image for r in held]), torch.Generator().manual_seed(123))
-    pred = probes.probabilities(x)
-    probes.heldout_accuracy = {k: float((pred[k].argmax(-1) == v.numpy()).mean()) for k, v in labels(held).items()}
+    if probes.heldout_accuracy is None:
+        probes.heldout_accuracy = evaluate(probes, world=world)
     return probes
 
 
-def fidelity(pipe, probes, world: str, n: int = 100, steps: int = 20, guidance: float = 5.0) -> dict:
-    from diffnb.toyworld.data import scene_rng
-    from diffnb.toyworld.prompts import describe
-    from diffnb.toyworld.world import random_scene
-    from diffnb.viz import to_uint8
+def fidelity(pipe, probes, world: str, n: int = 100, steps: int = 20, guidance: float = 5.0):
+    """{shape, colour, background: accuracy} and the first 16 generations (`diffnb.toyworld.evaluate.fidelity`)."""
+    from diffnb.toyworld.evaluate import fidelity as package_fidelity
 
-    scenes = [random_scene(scene_rng("heldout", 10_000 + i), n_objects=1, world=world) for i in range(n)]
-    images = []
-    for i in range(0, n, 25):
-        gens = [torch.Generator().manual_seed(10_000 + j) for j in range(i, min(n, i + 25))]
-        images.append(to_uint8(pipe([describe(s) for s in scenes[i:i + 25]], generator=gens, num_inference_steps=steps,
-                                    guidance_scale=guidance, output_type="np").images))
-    images = np.concatenate(images)
-    pred = probes.predict(images)
-    truth = {"shape": [s.objects[0].shape for s in scenes], "color": [s.objects[0].color for s in scenes],
-             "background": [s.background for s in scenes]}
-    return {k: float(np.mean([a == b for a, b in zip(pred[k], truth[k])])) for k in truth}, images[:16]
+    m, images = package_fidelity(pipe, probes, n, world=world, return_images=True, num_inference_steps=steps,
+                                 guidance_scale=guidance)
+    return {k: m[f"fidelity_{k}"] for k in ("shape", "color", "background")}, images[:16]
 
 
 def main():
