@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 from diffnb.bench import benchmark_parser, compare, save_result
-from diffnb.papers.style_aligned import StyleAlignedArgs, style_aligned
+from diffnb.papers.style_aligned import (SharedAttention, StyleAlignedArgs, _shared_norms, adain, expand_reference,
+                                         style_aligned)
+from diffnb.processors import patch_attention
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -27,6 +29,41 @@ def unet_step(unet, device, dtype, images: int = 4):
     cond = dict(encoder_hidden_states=rand(2 * images, 77, c.cross_attention_dim),
                 added_cond_kwargs={"text_embeds": rand(2 * images, pooled), "time_ids": rand(2 * images, 6)})
     return lambda: unet(x, torch.tensor(500, device=device), **cond)
+
+
+class OfficialFormulation(SharedAttention):
+    """The official handler's math where it differs from ours (google/style-aligned `sa_handler.py` and the transfer
+    notebook's shifted variant), for timing side by side: with a score shift it forms the logits explicitly (einsum,
+    shift added to the reference columns, softmax) instead of one SDPA call with a bias."""
+
+    def attend(self, call, q, k, v, mask):
+        a, h = self.args, self.halves
+        if not a.shared_score_shift:
+            return super().attend(call, q, k, v, mask)
+        q, k = adain(q, h), adain(k, h)
+        keys = torch.cat([k, expand_reference(k, h, a.shared_score_scale)], -2)
+        logits = torch.einsum("bhqd,bhkd->bhqk", q, keys) * q.shape[-1] ** -0.5
+        logits[..., k.shape[-2]:] += a.shared_score_shift
+        return torch.einsum("bhqk,bhkd->bhqd", logits.softmax(-1), torch.cat([v, expand_reference(v, h)], -2))
+
+
+def official_formulation(unet, run, args=None):
+    """`run` under the official formulation: OfficialFormulation on every self-attention and *every* GroupNorm and
+    LayerNorm shared (the official handler shares per-token LayerNorms too, which cannot change them)."""
+    args = args or StyleAlignedArgs.for_model("toy")
+
+    def method():
+        norms = [m for m in unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+        with patch_attention(unet, {"self": OfficialFormulation(args)}), _shared_norms(norms, 2):
+            return run()
+    return method
+
+
+def official_difference(unet, run) -> float:
+    """max |ours - official formulation| over the final latents (float rounding only: the math is the same)."""
+    with style_aligned(unet, StyleAlignedArgs.for_model("toy")):
+        ours = run().images
+    return float((ours - official_formulation(unet, run)().images).abs().max())
 
 
 @torch.no_grad()  # not set_grad_enabled: tests call main() and must get grad mode back
@@ -62,13 +99,16 @@ def main(argv=None):
                 run()
         return method
     setting = "toy model, 64², 4 prompts under CFG 5, 20 DDIM steps, denoising only (notebook 01's timing cell)"
+    official = compare("style_aligned_toy_official_formulation", run, official_formulation(pipe.unet, run), "cpu",
+                       a.repeats, setting=setting)
     # The floor: only the doubled keys (no AdaIN, norms or shift), what attending to 2N keys costs by itself.
     floor = compare("style_aligned_toy_doubled_keys_only", run, with_args(StyleAlignedArgs.for_model(
         "toy", adain_queries=False, adain_keys=False, shared_score_shift=0.0, share_group_norm=False,
         share_layer_norm=False)), "cpu", a.repeats, setting=setting)
     result = compare("style_aligned_toy", run, with_args(StyleAlignedArgs.for_model("toy")), "cpu", a.repeats,
                      setting=setting + ", StyleAlignedArgs.for_model('toy')",
-                     doubled_keys_only_ratio=floor["time_ratio"])
+                     doubled_keys_only_ratio=floor["time_ratio"], official_formulation_ratio=official["time_ratio"],
+                     official_formulation_max_abs_diff=official_difference(pipe.unet, run))
     save_result(result, a.out or OUT / "style_aligned_cpu.json")
     return result
 

@@ -57,4 +57,5 @@ def test_style_aligned_speed_benchmark_reports_the_ratio_and_its_floor(tmp_path)
     r = load_benchmark("style_aligned").main(["--repeats", "1", "--out", str(tmp_path / "sa.json")])
     assert r["benchmark"] == "style_aligned_toy" and len(r["method"]["times_s"]) == 1
     assert 1.0 < r["doubled_keys_only_ratio"] < 4 and 1.0 < r["time_ratio"] < 5  # twice the keys cost something
+    assert r["official_formulation_ratio"] > 1.0 and r["official_formulation_max_abs_diff"] < 1e-3  # same math
     assert (tmp_path / "sa.json").exists()
