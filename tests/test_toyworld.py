@@ -1,3 +1,4 @@
+import json
 import numpy as np
 import pytest
 from transformers import CLIPTokenizer
@@ -250,3 +251,31 @@ def test_vae_only_run_on_several_worlds(tmp_path):
           "--threads", "1"])
     assert (tmp_path / "export" / "vae" / "config.json").exists() and not (tmp_path / "run" / "data.npz").exists()
     assert {p.name for p in (tmp_path / "run").glob("vae_data_*.npz")} == {"vae_data_v1.npz", "vae_data_texture.npz"}
+
+
+def test_warm_start_continues_an_exported_pipeline(tmp_path):
+    """--init-from: a new run starts from an export's UNet and text encoder (not from scratch), records how many steps
+    they had, and refuses an export of another world."""
+    from pathlib import Path
+
+    import torch
+
+    from diffnb.premises import load_folder
+    from diffnb.toyworld.train import main
+
+    vae = Path(__file__).resolve().parents[1] / "diffnb" / "assets" / "toy" / "vae"
+    if not (vae / "config.json").exists():
+        pytest.skip("no shipped VAE")
+    common = ["--world", "multi", "--vae-from", str(vae), "--n-images", "16", "--batch", "2", "--threads", "1",
+              "--unet-steps", "1"]
+    main(["--out", str(tmp_path / "a"), "--export", str(tmp_path / "ea")] + common)
+    first = load_folder(tmp_path / "ea").unet.state_dict()
+    main(["--out", str(tmp_path / "b"), "--export", str(tmp_path / "eb"), "--init-from", str(tmp_path / "ea"),
+          "--lr", "0"] + common)  # lr 0: the weights must come out as they went in
+    second = load_folder(tmp_path / "eb").unet.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    cfg = json.loads((tmp_path / "eb" / "training_config.json").read_text())["args"]
+    assert cfg["init_steps"] == 1 and cfg["init_from"] == str((tmp_path / "ea").resolve())
+    with pytest.raises(ValueError, match="world 'multi', not 'v2'"):
+        main(["--out", str(tmp_path / "c"), "--export", str(tmp_path / "ec"), "--init-from", str(tmp_path / "ea"),
+              "--world", "v2", "--vae-from", str(vae), "--n-images", "8", "--batch", "2", "--unet-steps", "1"])

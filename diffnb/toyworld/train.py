@@ -320,6 +320,29 @@ def retokenize_checkpoint(ckpt: Path, old_dir: Path, new_dir: Path):
     print(f"retokenized {ckpt}: vocabulary {old_shape[0]} -> {len(sources)}")
 
 
+def warm_start(unet, text_encoder, tok_dir: Path, args):
+    """Load an exported pipeline's UNet and text encoder (same world, tokenizer and architecture) as the starting
+    weights. The optimizer and EMA start afresh (an export holds neither), so a warm start is a new run on top of
+    the old one: `args.init_steps` records how many steps the starting weights had."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    src = Path(args.init_from)
+    if not (src / "unet" / "config.json").exists():
+        raise ValueError(f"--init-from {src}: not an exported pipeline (no unet/config.json)")
+    cfg = json.loads((src / "training_config.json").read_text())["args"]
+    if cfg.get("world", "v1") != args.world:
+        raise ValueError(f"--init-from {src} was trained on world {cfg.get('world', 'v1')!r}, not {args.world!r}")
+    if CLIPTokenizer.from_pretrained(src / "tokenizer").get_vocab() != CLIPTokenizer.from_pretrained(tok_dir).get_vocab():
+        raise ValueError(f"--init-from {src}: its tokenizer differs from this run's")
+    for model, loaded in ((unet, UNet2DConditionModel.from_pretrained(src / "unet")),
+                          (text_encoder, CLIPTextModel.from_pretrained(src / "text_encoder"))):
+        model.load_state_dict({k: v.float() for k, v in loaded.state_dict().items()})  # a shape mismatch raises
+    args.init_from = str(src.resolve())
+    args.init_steps = cfg.get("init_steps", 0) + cfg.get("trained_unet_steps", cfg["unet_steps"])
+    print(f"warm start from {src}: {args.init_steps} steps already trained")
+
+
 def export(tokenizer, text_encoder, vae, unet, args):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -361,6 +384,9 @@ def main(argv=None):
     p.add_argument("--vae-from", type=Path, default=None,
                    help="reuse this trained AutoencoderKL folder (e.g. diffnb/assets/toy/vae) instead of training one: "
                         "for worlds whose images are of the same kind, so a fixed budget goes to the UNet")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start the UNet and text encoder from this exported pipeline (e.g. a pilot's) instead of from "
+                        "scratch: a warm start that continues a run across machines without its optimizer state")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -384,6 +410,8 @@ def main(argv=None):
         vae = AutoencoderKL.from_pretrained(args.vae_from).float()
         vae.requires_grad_(False)
         args.vae_from = str(args.vae_from.resolve())
+    if args.init_from is not None and not (args.out / "unet.pt").exists():
+        warm_start(unet, text_encoder, tok_dir, args)
     for m in (text_encoder, vae, unet):
         m.to(device)
     log_file = open(args.out / "loss.csv", "a")
