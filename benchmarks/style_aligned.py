@@ -112,5 +112,6 @@ def main(argv=None):
     save_result(result, a.out or OUT / "style_aligned_cpu.json")
     return result
 
+
 if __name__ == "__main__":
     main()
