@@ -276,6 +276,9 @@ def test_warm_start_continues_an_exported_pipeline(tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
     cfg = json.loads((tmp_path / "eb" / "training_config.json").read_text())["args"]
     assert cfg["init_steps"] == 1 and cfg["init_from"] == str((tmp_path / "ea").resolve())
+    main(["--out", str(tmp_path / "b"), "--export", str(tmp_path / "eb"), "--init-from", str(tmp_path / "ea"),
+          "--lr", "0"] + common)  # again: resumes its own checkpoint (exports it) and keeps the record
+    assert json.loads((tmp_path / "eb" / "training_config.json").read_text())["args"]["init_steps"] == 1
     with pytest.raises(ValueError, match="world 'multi', not 'v2'"):
         main(["--out", str(tmp_path / "c"), "--export", str(tmp_path / "ec"), "--init-from", str(tmp_path / "ea"),
               "--world", "v2", "--vae-from", str(vae), "--n-images", "8", "--batch", "2", "--unet-steps", "1"])

@@ -320,7 +320,7 @@ def retokenize_checkpoint(ckpt: Path, old_dir: Path, new_dir: Path):
     print(f"retokenized {ckpt}: vocabulary {old_shape[0]} -> {len(sources)}")
 
 
-def warm_start(unet, text_encoder, tok_dir: Path, args):
+def warm_start(unet, text_encoder, tok_dir: Path, args, load: bool = True):
     """Load an exported pipeline's UNet and text encoder (same world, tokenizer and architecture) as the starting
     weights. The optimizer and EMA start afresh (an export holds neither), so a warm start is a new run on top of
     the old one: `args.init_steps` records how many steps the starting weights had."""
@@ -335,11 +335,13 @@ def warm_start(unet, text_encoder, tok_dir: Path, args):
         raise ValueError(f"--init-from {src} was trained on world {cfg.get('world', 'v1')!r}, not {args.world!r}")
     if CLIPTokenizer.from_pretrained(src / "tokenizer").get_vocab() != CLIPTokenizer.from_pretrained(tok_dir).get_vocab():
         raise ValueError(f"--init-from {src}: its tokenizer differs from this run's")
+    args.init_from = str(src.resolve())
+    args.init_steps = cfg.get("init_steps", 0) + cfg.get("trained_unet_steps", cfg["unet_steps"])
+    if not load:  # resuming this run's own checkpoint: only the record
+        return
     for model, loaded in ((unet, UNet2DConditionModel.from_pretrained(src / "unet")),
                           (text_encoder, CLIPTextModel.from_pretrained(src / "text_encoder"))):
         model.load_state_dict({k: v.float() for k, v in loaded.state_dict().items()})  # a shape mismatch raises
-    args.init_from = str(src.resolve())
-    args.init_steps = cfg.get("init_steps", 0) + cfg.get("trained_unet_steps", cfg["unet_steps"])
     print(f"warm start from {src}: {args.init_steps} steps already trained")
 
 
@@ -410,8 +412,8 @@ def main(argv=None):
         vae = AutoencoderKL.from_pretrained(args.vae_from).float()
         vae.requires_grad_(False)
         args.vae_from = str(args.vae_from.resolve())
-    if args.init_from is not None and not (args.out / "unet.pt").exists():
-        warm_start(unet, text_encoder, tok_dir, args)
+    if args.init_from is not None:  # recorded on resume too; the weights only when there is no checkpoint yet
+        warm_start(unet, text_encoder, tok_dir, args, load=not (args.out / "unet.pt").exists())
     for m in (text_encoder, vae, unet):
         m.to(device)
     log_file = open(args.out / "loss.csv", "a")
