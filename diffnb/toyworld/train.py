@@ -330,9 +330,11 @@ def warm_start(unet, text_encoder, tok_dir: Path, args, load: bool = True):
     src = Path(args.init_from)
     if not (src / "unet" / "config.json").exists():
         raise ValueError(f"--init-from {src}: not an exported pipeline (no unet/config.json)")
+    from .evaluate import model_world
+
+    if (world := model_world(src)) != args.world:
+        raise ValueError(f"--init-from {src} was trained on world {world!r}, not {args.world!r}")
     cfg = json.loads((src / "training_config.json").read_text())["args"]
-    if cfg.get("world", "v1") != args.world:
-        raise ValueError(f"--init-from {src} was trained on world {cfg.get('world', 'v1')!r}, not {args.world!r}")
     if CLIPTokenizer.from_pretrained(src / "tokenizer").get_vocab() != CLIPTokenizer.from_pretrained(tok_dir).get_vocab():
         raise ValueError(f"--init-from {src}: its tokenizer differs from this run's")
     args.init_from = str(src.resolve())
