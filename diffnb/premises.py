@@ -275,13 +275,14 @@ def hyperfeatures_timestep_gain(pipe, train_pairs, test_pairs, steps=(0, 5, 10),
 
 
 # --- the toy world's inputs ---------------------------------------------------------------------------------------
-def toy_keypoint_pairs(n: int, split: str, world: str = "v1", seed: int = 0, extra_points: int = 0,
+def toy_keypoint_pairs(n: int, split: str, world: str | None = None, seed: int = 0, extra_points: int = 0,
                        classes=("heart", "triangle")):
     """Keypoint pairs of one world's renders (`toyworld.scoring.keypoint_pairs`, max angle 45°, one object per
-    image)."""
+    image); `world` defaults to the shipped toy's."""
     from .toyworld.scoring import keypoint_pairs
+    from .toyworld.world import TOY_WORLD
 
-    return keypoint_pairs(n, split, seed=seed, classes=classes, extra_points=extra_points, world=world)
+    return keypoint_pairs(n, split, seed=seed, classes=classes, extra_points=extra_points, world=world or TOY_WORLD)
 
 
 @dataclass(frozen=True)
@@ -301,16 +302,18 @@ class ToySizes:
 SIZES = {"tiny": ToySizes(2, 1, 1, 3, 3, 5, 4), "small": ToySizes(), "full": ToySizes(24, 24, 24, 48, 48, 1000, 32)}
 
 
-def toy_premises(pipe, scorer: Scorer, world: str = "v1", sizes: ToySizes | str = "small",
+def toy_premises(pipe, scorer: Scorer, world: str | None = None, sizes: ToySizes | str = "small",
                  only=None, progress: bool = True) -> dict[str, Premise]:
     """All four premise tests on toy-world inputs of `world` (prompts from its grammar, renders from its held-out
-    split). `pipe` may be any pipeline whose tokenizer knows the grammar's words (the toy, a pilot)."""
+    split; default the shipped toy's). `pipe` may be any pipeline whose tokenizer knows the grammar's words (the
+    toy, a pilot)."""
     from .papers.emerdiff import EmerDiffArgs
     from .papers.style_aligned import StyleAlignedArgs
     from .toyworld.data import ToyDataset
     from .toyworld.prompts import prompt
-    from .toyworld.world import BACKGROUNDS, COLORS, SHAPES
+    from .toyworld.world import BACKGROUNDS, COLORS, SHAPES, TOY_WORLD
 
+    world = world or TOY_WORLD
     sizes = SIZES[sizes] if isinstance(sizes, str) else sizes
     only = set(only or BARS)
     if unknown := only - set(BARS):
@@ -379,7 +382,7 @@ def load_folder(path, device: str = "cpu"):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy", help="'toy' (the shipped model) or a saved pipeline folder")
-    p.add_argument("--world", default="v1", help="the toy world whose prompts / renders to use")
+    p.add_argument("--world", default=None, help="the toy world whose prompts / renders to use (default: the model's)")
     p.add_argument("--probes", default=None, help="probe weights (default: the shipped toy probes)")
     p.add_argument("--sizes", default="small", choices=tuple(SIZES))
     p.add_argument("--only", default=None, help=f"comma-separated subset of {list(BARS)}")
@@ -388,8 +391,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    from .models import TOY_DIR
+    from .toyworld.evaluate import model_world
     from .toyworld.probes import PROBE_FILE, Probes
 
+    a.world = a.world or model_world(TOY_DIR if a.model == "toy" else Path(a.model))
     if a.model == "toy":
         from .models import load_pipeline
 

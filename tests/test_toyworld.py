@@ -127,10 +127,21 @@ def _fingerprint(world="v1", n=20):
     return h.hexdigest()[:8]
 
 
-def test_v1_world_is_unchanged_and_the_default():
+def test_v1_world_is_unchanged():
     assert _fingerprint() == V1_FINGERPRINT
+
+
+def test_the_default_world_is_the_shipped_models_and_its_probes():
+    """Every default `world` is TOY_WORLD, so it must be the world the shipped model and probes were trained on."""
+    from diffnb.models import TOY_DIR
+    from diffnb.toyworld.evaluate import model_world
+    from diffnb.toyworld.probes import PROBE_FILE, probe_world
+    from diffnb.toyworld.world import TOY_WORLD
+
+    assert model_world(TOY_DIR) == TOY_WORLD == probe_world(PROBE_FILE)
     rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
-    assert random_scene(rng_a) == random_scene(rng_b, world="v1")
+    assert random_scene(rng_a) == random_scene(rng_b, world=TOY_WORLD)
+    assert ToyDataset("heldout", 1).world == TOY_WORLD
 
 
 @pytest.mark.parametrize("world", ["texture", "pattern", "multi", "v2"])

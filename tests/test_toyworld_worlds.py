@@ -76,8 +76,11 @@ def test_training_another_world_refuses_the_shipped_file(monkeypatch):
         raise RuntimeError("training started")  # the check must come first, so the shipped file is never touched
 
     monkeypatch.setattr(probes_module, "ToyDataset", no_rendering)
-    with pytest.raises(ValueError, match="shipped v1 probes"):
-        train(steps=1, n_images=1, out=PROBE_FILE, world="v2")
+    from diffnb.toyworld.world import TOY_WORLD
+
+    other = "v2" if TOY_WORLD == "v1" else "v1"
+    with pytest.raises(ValueError, match=f"shipped probes of world '{TOY_WORLD}'"):
+        train(steps=1, n_images=1, out=PROBE_FILE, world=other)
 
 
 def test_scorers_refuse_probes_of_another_world(v2_probes):

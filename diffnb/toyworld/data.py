@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .world import Render, render, random_scene, world_config
+from .world import TOY_WORLD, Render, render, random_scene, world_config
 
 SPLITS = {"train": 0, "heldout": 1}
 
@@ -17,7 +17,7 @@ def scene_rng(split: str, index: int) -> np.random.Generator:
 class ToyDataset:
     """Renders on demand; `dataset[i]` is a `Render` with image, masks and keypoints; `world` names a `WORLDS` entry."""
 
-    def __init__(self, split: str = "train", length: int = 10_000, n_objects: int | None = None, world: str = "v1",
+    def __init__(self, split: str = "train", length: int = 10_000, n_objects: int | None = None, world: str = TOY_WORLD,
                  **fixed):
         scene_rng(split, 0)  # validates the split name
         world_config(world)  # ... and the world's

@@ -24,7 +24,7 @@ from ..viz import to_uint8
 from .data import ToyDataset, scene_rng
 from .probes import PROBE_FILE, Probes, check_world
 from .prompts import describe, prompt
-from .world import BACKGROUNDS, COLORS, SHAPES, WORLDS, random_scene, world_config
+from .world import BACKGROUNDS, COLORS, SHAPES, TOY_WORLD, WORLDS, random_scene, world_config
 
 BARS = {"fidelity_shape": 0.90, "fidelity_color": 0.85, "fidelity_background": 0.80, "diversity": 0.5,
         "attention_iou": 0.5, "load_seconds": 5.0, "batch4_seconds": 10.0}
@@ -76,7 +76,7 @@ def diversity(pipe, probes: Probes, n: int = 100, world: str | None = None, **kw
 
 @torch.no_grad()
 def attention_iou(pipe, n: int = 50, timesteps=(50, 150), resolution: int | None = 16, word: str = "shape",
-                  world: str = "v1") -> float:
+                  world: str = TOY_WORLD) -> float:
     """Mean IoU between the Otsu-thresholded cross-attention map of the object's word and the object's mask.
 
     Held-out renders are encoded, noised to a few timesteps and denoised once with their prompt; the word's map
@@ -228,7 +228,7 @@ def _narrow_margin(m: dict) -> str:
             f"{se:.3f}), so that one is met narrowly.")
 
 
-def write_card(m: dict, out_dir: Path, world: str = "v1"):
+def write_card(m: dict, out_dir: Path, world: str = TOY_WORLD):
     cfg = json.loads((out_dir / "training_config.json").read_text())["args"]
     wc = world_config(world)
     lines, unmet = [], []

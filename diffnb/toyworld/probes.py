@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import ToyDataset
-from .world import BACKGROUNDS, COLORS, DETAILS, SHAPES, world_config
+from .world import BACKGROUNDS, COLORS, DETAILS, SHAPES, TOY_WORLD, world_config
 
 HEADS = {"shape": SHAPES, "color": tuple(COLORS), "background": BACKGROUNDS, "detail": DETAILS}  # world v1's
 PROBE_FILE = Path(__file__).resolve().parents[1] / "assets" / "toy" / "probes.safetensors"
 
 
-def heads(world: str = "v1") -> dict[str, tuple[str, ...]]:
+def heads(world: str = TOY_WORLD) -> dict[str, tuple[str, ...]]:
     """The class names each head reads in `world`: only the unnamed identity ("detail") differs between worlds."""
     return {**HEADS, "detail": world_config(world).details}
 
@@ -41,7 +41,7 @@ def probe_world(path: Path) -> str:
 
 
 class Probe(nn.Module):
-    def __init__(self, width: int = 32, world: str = "v1"):
+    def __init__(self, width: int = 32, world: str = TOY_WORLD):
         super().__init__()
         c = [width, width * 2, width * 4, width * 4]
         layers = [nn.Conv2d(3, width, 5, stride=2, padding=2), nn.BatchNorm2d(width), nn.ReLU()]  # 64 -> 32 px
@@ -120,7 +120,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def _labels(renders, world: str = "v1") -> dict[str, torch.Tensor]:
+def _labels(renders, world: str = TOY_WORLD) -> dict[str, torch.Tensor]:
     """Class indices of each render's first object and background, in `world`'s heads."""
     if other := sorted({r.scene.world for r in renders} - {world_config(world).name}):
         raise ValueError(f"labels for world {world!r} asked of renders of world(s) {other}")
@@ -153,7 +153,7 @@ def evaluate(probes: Probes, n: int = 1000, world: str | None = None) -> dict[st
 
 
 def fit_probe(images: torch.Tensor, labels: dict[str, torch.Tensor], steps: int, batch: int, seed: int,
-              progress: bool = True, world: str = "v1") -> Probe:
+              progress: bool = True, world: str = TOY_WORLD) -> Probe:
     """A new probe trained on (images, labels) with augmentation, AdamW and a one-cycle schedule; in eval mode."""
     net = Probe(world=world)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -171,15 +171,16 @@ def fit_probe(images: torch.Tensor, labels: dict[str, torch.Tensor], steps: int,
 
 
 def train(steps: int = 1500, batch: int = 64, n_images: int = 12_000, out: Path = PROBE_FILE, seed: int = 0,
-          world: str = "v1", n_heldout: int = 1000, progress: bool = True) -> dict[str, float]:
+          world: str = TOY_WORLD, n_heldout: int = 1000, progress: bool = True) -> dict[str, float]:
     """Train probes on one-object renders of `world`, save them to `out` (metadata {"world": world}) with their
     held-out accuracy on `n_heldout` blurred renders next to it (.json); returns that accuracy."""
     from safetensors.torch import save_file
 
     world = world_config(world).name
     out = Path(out)
-    if world != "v1" and out.resolve() == PROBE_FILE.resolve():
-        raise ValueError(f"{PROBE_FILE} holds the shipped v1 probes; give probes of world {world!r} another `out`")
+    if world != TOY_WORLD and out.resolve() == PROBE_FILE.resolve():
+        raise ValueError(f"{PROBE_FILE} holds the shipped probes of world {TOY_WORLD!r}; give probes of world "
+                         f"{world!r} another `out`")
     torch.manual_seed(seed)
     ds = ToyDataset("train", n_images, n_objects=1, world=world)
     renders = [ds[i] for i in tqdm(range(n_images), desc="render", disable=not progress)]
@@ -197,11 +198,11 @@ if __name__ == "__main__":
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--world", default="v1", choices=tuple(WORLDS), help="the world whose renders train the probes")
+    p.add_argument("--world", default=TOY_WORLD, choices=tuple(WORLDS), help="the world whose renders train the probes")
     p.add_argument("--out", type=Path, default=None, help=f"where to save them (default for v1: {PROBE_FILE})")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
-    if a.out is None and a.world != "v1":
-        p.error(f"--out is required for --world {a.world} ({PROBE_FILE} holds the shipped v1 probes)")
+    if a.out is None and a.world != TOY_WORLD:
+        p.error(f"--out is required for --world {a.world} ({PROBE_FILE} holds the shipped {TOY_WORLD} probes)")
     torch.set_num_threads(a.threads)
     print("held-out accuracy:", train(steps=a.steps, out=a.out or PROBE_FILE, world=a.world))

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .world import BACKGROUNDS, COLORS, SHAPES, Scene, WorldConfig, world_config
+from .world import BACKGROUNDS, COLORS, SHAPES, TOY_WORLD, Scene, WorldConfig, world_config
 
 BG_WORD = {"plain": "plain", "striped": "striped", "checkered": "checkered", "dotted": "dotted"}
 WORDS = sorted({"a", "and", "on", "background", "object", *SHAPES, *COLORS, *BG_WORD.values()})
 MAX_TOKENS = 16  # longest prompt ("a red heart and a blue moon on a dotted background") is 11 words + 2 specials
 
 
-def max_tokens(world: str | WorldConfig = "v1") -> int:
+def max_tokens(world: str | WorldConfig = TOY_WORLD) -> int:
     """The text encoder's length for a world: 16 (v1, two objects); 20 where a scene holds three objects
     ("a red heart and a blue moon and a green circle on a dotted background" is 15 words + 2 specials)."""
     return MAX_TOKENS if world_config(world).max_objects <= 2 else 20

@@ -27,8 +27,8 @@ from ..papers.hyperfeatures_train import Pair
 from ..papers.spair import SPAIR_SPLITS
 from .data import SPLITS, scene_rng
 from .prompts import BG_WORD
-from .world import (BACKGROUNDS, COLORS, DETAILS, IMAGE_SIZE, KEYPOINTS, SHAPES, inside_shape, random_scene, render,
-                    to_pixels)
+from .world import (BACKGROUNDS, COLORS, IMAGE_SIZE, KEYPOINTS, SHAPES, TOY_WORLD, inside_shape, random_scene, render,
+                    to_pixels, world_config)
 
 
 # --- StyleAligned ---------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def subject_mask_iou(pipe, n: int = 8, start: int = 0, args=None) -> dict:
 
 
 # --- DiffSim: style = background pattern, content = shape class -----------------------------------------------
-def triplets(kind: str, n: int, split: str = "heldout", seed: int = 0):
+def triplets(kind: str, n: int, split: str = "heldout", seed: int = 0, world: str = TOY_WORLD):
     """(reference, positive, negative) uint8 image stacks of shape (n, 64, 64, 3) with known answers.
 
     The negative is always an edit of the reference scene (same layout, one attribute changed), so it is the
@@ -167,22 +167,23 @@ def triplets(kind: str, n: int, split: str = "heldout", seed: int = 0):
              same pattern; negative = the reference with another object (shape and colour) in the same pose.
     shape:   as content, but the positive's colour is drawn anew and the negative keeps the reference's colour:
              only the shape class tells them apart.
+    `world`: the world whose scenes are rendered (its identity is a detail mark or a pattern).
     """
     kinds = ("style", "content", "shape")
     if kind not in kinds:
         raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
-    out = []
+    details, out = world_config(world).details, []
     for i in range(n):
         rng = scene_rng(split, 10_000 * (1 + seed) + i)
         pick = lambda values, k: [str(v) for v in rng.choice(values, k, replace=False)]
-        (s0, s1), (c0, c1), (b0, b1), d0 = pick(SHAPES, 2), pick(list(COLORS), 2), pick(BACKGROUNDS, 2), pick(DETAILS, 1)[0]
-        ref = random_scene(rng, n_objects=1, shape=s0, color=c0, detail=d0, background=b0)
+        (s0, s1), (c0, c1), (b0, b1), d0 = pick(SHAPES, 2), pick(list(COLORS), 2), pick(BACKGROUNDS, 2), pick(details, 1)[0]
+        ref = random_scene(rng, n_objects=1, world=world, shape=s0, color=c0, detail=d0, background=b0)
         obj = ref.objects[0]
         if kind == "style":
-            pos = random_scene(rng, n_objects=1, shape=s1, color=c1, background=b0)
+            pos = random_scene(rng, n_objects=1, world=world, shape=s1, color=c1, background=b0)
             neg = replace(ref, background=b1)
         else:
-            pos = random_scene(rng, n_objects=1, shape=s0, background=b0,
+            pos = random_scene(rng, n_objects=1, world=world, shape=s0, background=b0,
                                **(dict(color=c0, detail=d0) if kind == "content" else {}))
             neg = replace(ref, objects=[replace(obj, shape=s1, color=c1 if kind == "content" else c0)])
         out.append([render(s).image for s in (ref, pos, neg)])
@@ -192,7 +193,7 @@ def triplets(kind: str, n: int, split: str = "heldout", seed: int = 0):
 # --- Hyperfeatures: keypoint pairs ----------------------------------------------------------------------------
 def keypoint_pairs(n: int, split: str = "train", seed: int = 0, classes=("heart", "triangle"),
                    max_angle: float = math.pi / 4, min_keypoints: int = 2, extra_points: int = 0,
-                   size: int | None = None, world: str = "v1") -> list[Pair]:
+                   size: int | None = None, world: str = TOY_WORLD) -> list[Pair]:
     """Pairs of toy renders of one keypoint class with different pose (rotation within +-max_angle each),
     scale, position, colour and background; the keypoints visible in both, matched by name; boxes from masks.
     `classes` may be any of the renderer's keypoint classes (heart, moon, triangle).

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..processors import AttentionProcessor, patch_attention
 from .data import ToyDataset
 from .prompts import MAX_TOKENS, describe, max_tokens, write_word_tokenizer
-from .world import BACKGROUNDS, COLORS, SHAPES, IMAGE_SIZE, WORLDS, world_config
+from .world import BACKGROUNDS, COLORS, SHAPES, IMAGE_SIZE, TOY_WORLD, WORLDS, world_config
 
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
@@ -65,7 +65,7 @@ def _slots(world: str) -> int:
     return max(2, world_config(world).max_objects)
 
 
-def render_dataset(path: Path, n: int, world: str = "v1", masks_path: Path | None = None) -> dict:
+def render_dataset(path: Path, n: int, world: str = TOY_WORLD, masks_path: Path | None = None) -> dict:
     """Images (n, 64, 64, 3) and labels: [n_objects, background, (shape, colour, detail) per object slot];
     with `masks_path`, also the grounding masks of `object_masks` from the same renders."""
     if path.exists():
@@ -96,7 +96,7 @@ def _cell_fractions(masks: np.ndarray, slots: int, size: int = IMAGE_SIZE // 4) 
     return out
 
 
-def object_masks(path: Path, n: int, size: int = IMAGE_SIZE // 4, world: str = "v1") -> np.ndarray:
+def object_masks(path: Path, n: int, size: int = IMAGE_SIZE // 4, world: str = TOY_WORLD) -> np.ndarray:
     """(n, slots, size, size) float16: each object's visible area fraction per latent cell (zeros for a missing one)."""
     if path.exists():
         return np.load(path)
@@ -158,7 +158,7 @@ def grounding_loss(maps: list[torch.Tensor], owners: torch.Tensor, masks: torch.
     return token / len(maps), pixel / len(maps)
 
 
-def prompts_from_labels(labels: np.ndarray, rng: np.random.Generator, world: str = "v1") -> list[str]:
+def prompts_from_labels(labels: np.ndarray, rng: np.random.Generator, world: str = TOY_WORLD) -> list[str]:
     """Training prompts with attribute dropout, rebuilt from the stored labels."""
     from .world import Obj, Scene
 
@@ -378,8 +378,8 @@ def main(argv=None):
                    help="weight of the cross-attention grounding loss (0: plain denoising loss)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--world", default="v1", choices=tuple(WORLDS),
-                   help="which world variant to train on (diffnb.toyworld.world.WORLDS; v1: the shipped model's)")
+    p.add_argument("--world", default=TOY_WORLD, choices=tuple(WORLDS),
+                   help=f"which world variant to train on (diffnb.toyworld.world.WORLDS; {TOY_WORLD}: the shipped model's)")
     p.add_argument("--transformer-layers", type=int, default=1,
                    help="transformer blocks per attention in the UNet (1: the shipped model)")
     p.add_argument("--vae-worlds", default=None,

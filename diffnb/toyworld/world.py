@@ -9,9 +9,10 @@ Keypoints only exist on classes whose pose is readable from the silhouette under
 triangle); the renderer only rotates, never mirrors, so "left lobe" stays identifiable.
 
 World variants (issue 17, "toy world v2"): a `WorldConfig` named in `WORLDS` changes how backgrounds and the
-unnamed identity are drawn and how many objects a scene holds. "v1" is the world the shipped toy model was
-trained on and stays the default, bit-identical (same renders from the same seeds). The others are candidates
-for the next toy model, each testing one suspected cause of a failed paper premise:
+unnamed identity are drawn and how many objects a scene holds. `TOY_WORLD` names the world the shipped toy model
+was trained on; it is every function's default, so the notebooks render, prompt and score in the model's own world.
+"v1" stays bit-identical (same renders from the same seeds). The others were candidates for the next toy model,
+each testing one suspected cause of a failed paper premise:
 - "texture": each background style is a local, non-periodic texture in its palette (wavy stripes, a patchwork of
   regions, scattered blobs, a softly shaded plain), so a local change of the background is plausible
   (EmerDiff's locality: in v1 one global phase makes every background patch depend on all others).
@@ -83,6 +84,8 @@ WORLDS = {
     "multi": WorldConfig("multi", object_probs=(0.5, 0.3, 0.2)),
     "v2": WorldConfig("v2", background="texture", identity="pattern", object_probs=(0.5, 0.3, 0.2)),
 }
+# The world of the shipped toy model (assets/toy/training_config.json, checked by a test): every default below.
+TOY_WORLD = "v1"
 
 
 def world_config(world: str | WorldConfig) -> WorldConfig:
@@ -110,7 +113,7 @@ class Scene:
     bg_phase: float = 0.0  # shifts the background pattern so it is not one fixed texture
     bg_tone: int = 0  # 0..2: which pale palette the background uses
     size: int = IMAGE_SIZE
-    world: str = "v1"  # a name in WORLDS: how the background and the identity are drawn
+    world: str = TOY_WORLD  # a name in WORLDS: how the background and the identity are drawn
     bg_seed: int = 0  # the local texture's layout (worlds with background="texture")
 
     def __post_init__(self):
@@ -286,13 +289,13 @@ def render(scene: Scene) -> Render:
 
 
 def random_scene(rng: np.random.Generator, n_objects: int | None = None, size: int = IMAGE_SIZE,
-                 world: str | WorldConfig = "v1", **fixed) -> Scene:
+                 world: str | WorldConfig = TOY_WORLD, **fixed) -> Scene:
     """Sample a scene of `world`. `fixed` pins attributes: shape, color, detail, background, angle (first object)."""
     allowed = {"shape", "color", "detail", "background", "angle"}
     if unknown := set(fixed) - allowed:
         raise ValueError(f"cannot fix {sorted(unknown)}; allowed: {sorted(allowed)}")
     cfg = world_config(world)
-    if cfg.name == "v1":  # the shipped model's world: keep its exact random stream
+    if cfg.name == "v1":  # the first toy model's world: keep its exact random stream
         return _random_scene_v1(rng, n_objects, size, fixed)
     if n_objects is None:
         n_objects = 1 + int(np.searchsorted(np.cumsum(cfg.object_probs), rng.random(), side="right"))
