@@ -1,4 +1,6 @@
 """Score a trained pilot: `python pilots/score_pilot.py NAME [--sizes small]` -> pilots/results/NAME.json.
+NAME is a pilot of `run_pilot.PILOTS` or any run folder in /work/pilot_runs with an export (its world read from the
+export's training_config.json), such as the full training of the chosen world.
 
 1. Scorer: the shipped probes for world v1; for another world, probes of the same architecture trained on that
    world's renders (`diffnb.toyworld.probes.train`, 1,500 steps, as the shipped ones; cached in
@@ -59,9 +61,11 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     from diffnb.premises import code_version, load_folder, toy_premises
+    from diffnb.toyworld.evaluate import model_world
     from diffnb.toyworld.probes import Probes
 
-    run, world = RUNS / a.name, PILOTS[a.name]["world"] if a.name in PILOTS else a.name
+    run = RUNS / a.name
+    world = PILOTS[a.name]["world"] if a.name in PILOTS else model_world(run / "export")
     t0 = time.perf_counter()
     pipe = load_folder(run / "export")
     probes = Probes() if world == "v1" else world_probes(world, run / "probes.safetensors", a.probe_steps)
@@ -76,8 +80,9 @@ def main():
     loss = [line.split(",") for line in (run / "loss.csv").read_text().splitlines() if line.startswith("unet,")]
     cpu = [json.loads(line) for line in (run / "cpu.jsonl").read_text().splitlines()] if (run / "cpu.jsonl").exists() else []
     result = {
-        "name": a.name, "world": world, "budget": {**BUDGET, **PILOTS.get(a.name, {})},
+        "name": a.name, "world": world, "budget": {**BUDGET, **PILOTS[a.name]} if a.name in PILOTS else cfg,
         "trained_unet_steps": cfg.get("trained_unet_steps"), "vae_from": cfg.get("vae_from"),
+        "total_unet_steps": cfg.get("init_steps", 0) + cfg.get("trained_unet_steps", 0),
         "final_loss_smoothed": float(loss[-1][3]) if loss else None,
         "train_cpu_minutes": round(sum(c["cpu_s"] for c in cpu if c["stage"] == "train") / 60, 1),
         "probe_heldout_accuracy": probes.heldout_accuracy, "fidelity": fid, "sizes": a.sizes,

@@ -1,6 +1,6 @@
 """Print the pilot table (markdown) from pilots/results/*.json: `python pilots/table.py`.
 
-One row per scored pilot (and the shipped model's premise runs, marked as such): the four premise values (bar in
+One row per scored pilot (and the premise runs of the v1 toy model, shipped until issue 17, marked as such): the four premise values (bar in
 the header), fidelity by the world's probes, the training record. Paste it into pilots/README.md.
 """
 from __future__ import annotations
@@ -31,10 +31,10 @@ def rows() -> list[str]:
             return f"{prem[k]['value']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
         fid = r.get("fidelity")
         probe = r.get("probe_heldout_accuracy")
-        shipped = "model" in r  # a `python -m diffnb.premises --json` file of the shipped toy
+        shipped = "model" in r  # a `python -m diffnb.premises --json` file of the v1 toy model
         out.append("| " + " | ".join([
-            f.stem + (" (shipped toy)" if shipped else ""), r.get("world", "v1"),
-            "11,500 (shipped)" if shipped else str(r.get("trained_unet_steps")),
+            f.stem + (" (the v1 toy model)" if shipped else ""), r.get("world", "v1"),
+            "11,500" if shipped else f"{r.get('total_unet_steps') or r.get('trained_unet_steps'):,}",
             "-" if shipped else str(r.get("train_cpu_minutes")),
             "-" if shipped or r.get("final_loss_smoothed") is None else f"{r['final_loss_smoothed']:.3f}",
             *[cell(k) for k, _ in PREMISES],

@@ -134,3 +134,25 @@ def test_evaluate_cli_world_defaults_to_the_model_and_checks_the_probes(tmp_path
     monkeypatch.setattr(diffnb.models, "TOY_DIR", tmp_path)  # a model folder trained on v2: its world by default
     with pytest.raises(ValueError, match="trained on world 'v1', not 'v2'"):
         main(["--out", str(tmp_path / "metrics.json")])
+
+
+def test_model_card_records_the_warm_start_chain_the_vae_and_the_notes(tmp_path):
+    """A model trained in stages (pilot export -> continuation) must show its total steps, where its VAE came from
+    and the appended notes (pilot table, premises); a v1 model from scratch keeps the old wording."""
+    from diffnb.toyworld.evaluate import write_card
+
+    args = dict(vae_steps=800, unet_steps=6750, trained_unet_steps=6750, batch=32, lr=4e-4, cooldown_from=4750,
+                grounding=0.01, grounding_from=0, device="cpu (2 threads)", world="v2", vae_from="/x/pilots/vae_mix",
+                init_from="pilots/v2_warm", init_steps=4750)
+    (tmp_path / "training_config.json").write_text(json.dumps({"args": args}))
+    m = {"fidelity_shape": 0.95, "probe_heldout_accuracy": {"shape": 1.0}, "n_fidelity": 200}
+    write_card(m, tmp_path, "v2", notes="## Pilots\n| a | b |\n")
+    card = (tmp_path / "README.md").read_text()
+    assert "11,500 steps" in card and "Warm-started from `pilots/v2_warm`" in card and "4,750 steps" in card
+    assert "the VAE of `vae_mix`" in card and "VAE 800 steps" not in card
+    assert "## Pilots\n| a | b |" in card and "20 tokens" in card and "world `v2`" in card
+    args.update(world="v1", vae_from=None, init_from=None, init_steps=0, unet_steps=11500, trained_unet_steps=11500)
+    (tmp_path / "training_config.json").write_text(json.dumps({"args": args}))
+    write_card(m, tmp_path, "v1")
+    card = (tmp_path / "README.md").read_text()
+    assert "VAE 800 steps" in card and "11,500 steps" in card and "Warm-started" not in card and "16 tokens" in card

@@ -164,14 +164,14 @@ shape (15 %), colour (25 %) and background (30 %) are dropped at random and 10 %
 - `AutoencoderKL`: (16, 32, 64) channels, 4 latent channels, 64 px -> 16×16 latents, no mid-block attention.
 - `UNet2DConditionModel`: (32, 64, 128) channels, one layer per block, self- and cross-attention at 16×16 and
   8×8 (down and up) and in the 4×4 mid block; cross-attention dim 64.
-- `CLIPTextModel` (hidden 64, 2 layers) with a word-level `CLIPTokenizer` built from the grammar (16 tokens, every
-  word one token; checkpoints before step 4,500 used a tokenizer that split "triangle" and "purple" into pieces).
+- `CLIPTextModel` (hidden 64, 2 layers) with a word-level `CLIPTokenizer` built from the grammar ({n_tokens} tokens, every
+  word one token{tokenizer_note}).
 - `DDIMScheduler`, scaled-linear betas 0.00085-0.012 (SD's), epsilon prediction. Default sampling: 20 steps, guidance 5.
 
 ## Training
-`python -m diffnb.toyworld.train` (config in `training_config.json`, loss curve in `loss.png`): VAE
-{vae_steps} steps, then UNet + text encoder {unet_steps} steps at batch {batch} on precomputed latents, AdamW
-lr {lr}{cooldown}, min-SNR-5 weighting, EMA 0.999 (exported). Device: {device}.
+`python -m diffnb.toyworld.train` (config in `training_config.json`, loss curve in `loss.png`): {vae}, then
+UNet + text encoder {unet_steps:,} steps at batch {batch} on precomputed latents, AdamW
+lr {lr}{cooldown}, min-SNR-5 weighting, EMA 0.999 (exported). Device: {device}.{history}
 {grounding}
 
 ## Measured (`python -m diffnb.toyworld.evaluate`, held-out prompts and seeds)
@@ -185,7 +185,7 @@ Probe held-out accuracy (blurred renders): {probe}.
 
 ## Status
 {status}
-
+{notes}
 ![samples](samples.png)
 """
 
@@ -228,8 +228,13 @@ def _narrow_margin(m: dict) -> str:
             f"{se:.3f}), so that one is met narrowly.")
 
 
-def write_card(m: dict, out_dir: Path, world: str = TOY_WORLD):
+def write_card(m: dict, out_dir: Path, world: str = TOY_WORLD, notes: str = ""):
+    """The model card (README.md) from the measured metrics `m`, the training config and `notes` (markdown appended
+    after the status: the pilot table and the premises of a model chosen from pilots)."""
+    from .prompts import max_tokens
+
     cfg = json.loads((out_dir / "training_config.json").read_text())["args"]
+    total = cfg.get("init_steps", 0) + cfg.get("trained_unet_steps", cfg["unet_steps"])
     wc = world_config(world)
     lines, unmet = [], []
     for k, v in m.items():
@@ -252,7 +257,14 @@ def write_card(m: dict, out_dir: Path, world: str = TOY_WORLD):
         identity="appearance\ndetail" if wc.identity == "mark" else "pattern over\nthe whole object",
         bg_layout="random phase" if wc.background == "periodic" else "local, non-periodic textures",
         shapes=", ".join(SHAPES), colors=", ".join(COLORS), details=", ".join(wc.details),
-        backgrounds="/".join(BACKGROUNDS), status=status, vae_steps=cfg["vae_steps"], unet_steps=cfg.get("trained_unet_steps", cfg["unet_steps"]),
+        backgrounds="/".join(BACKGROUNDS), status=status, unet_steps=total, notes=notes and f"\n{notes.strip()}\n",
+        vae=(f"the VAE of `{Path(cfg['vae_from']).name}` (trained separately, frozen here)" if cfg.get("vae_from")
+             else f"VAE {cfg['vae_steps']} steps"),
+        history=(f" Warm-started from `{cfg['init_from']}` (an export after {cfg['init_steps']:,} steps; optimizer "
+                 f"and EMA restart at a warm start), then {cfg['trained_unet_steps']:,} steps here; steps count from "
+                 "the first stage." if cfg.get("init_from") else ""),
+        n_tokens=max_tokens(wc), tokenizer_note=('; checkpoints before step 4,500 used a tokenizer that split '
+                                                 '"triangle" and "purple" into pieces') if wc.name == "v1" else "",
         batch=cfg["batch"], lr=cfg["lr"], grounding=grounding_note(cfg),
         cooldown=f" (decayed linearly to 0 from step {cfg['cooldown_from']:,})" if cfg.get("cooldown_from") else "", device=cfg.get("device", "cpu"), table="\n".join(lines),
         probe={k: round(v, 3) for k, v in (m["probe_heldout_accuracy"] or {}).items()}))
@@ -269,6 +281,7 @@ def main(argv=None):
     p.add_argument("--world", default=None, choices=tuple(WORLDS),
                    help="the world of the scored scenes (default: training_config.json's args.world, else v1)")
     p.add_argument("--probes", type=Path, default=PROBE_FILE, help="probes trained on that world")
+    p.add_argument("--notes", type=Path, default=None, help="markdown appended to the model card after its status")
     a = p.parse_args(argv)
     world = a.world or model_world(TOY_DIR)
     probes = Probes(a.probes)
@@ -292,7 +305,7 @@ def main(argv=None):
             print(f"{k:24s} {v:8.3f} {'' if bar is None else f'{bar:8.2f}'} {'' if passed else '  BELOW BAR'}")
     a.out.write_text(json.dumps(m, indent=1))
     samples_figure(pipe, a.out.parent / "samples.png")
-    write_card(m, a.out.parent, world)
+    write_card(m, a.out.parent, world, a.notes.read_text() if a.notes else "")
     print("all bars met" if ok else "some bars are not met")
     return m
 
