@@ -8,7 +8,8 @@ from diffnb.toyworld.prompts import MAX_TOKENS, WORDS, write_word_tokenizer
 
 
 def test_render_ground_truth_is_consistent():
-    r = render(Scene([Obj("heart", "red", "dot", center=(32, 32), radius=18, angle=0.0)], background="striped"))
+    r = render(Scene([Obj("heart", "red", "dot", center=(32, 32), radius=18, angle=0.0)], background="striped",
+                     world="v1"))
     assert r.image.shape == (64, 64, 3) and r.image.dtype == np.uint8
     assert r.masks.shape == (2, 64, 64)
     assert not (r.masks[0] & r.masks[1]).any() and (r.masks[0] | r.masks[1]).all()
@@ -217,7 +218,7 @@ def test_three_object_prompts_fit_and_training_labels_round_trip(tmp_path):
               background="checkered", world="multi")
     assert len(tok(describe(s)).input_ids) <= max_tokens("multi") and max_tokens("v1") == MAX_TOKENS
     with pytest.raises(ValueError):
-        Scene([Obj("heart", "red")] * 3)  # v1 holds at most two
+        Scene([Obj("heart", "red")] * 3, world="v1")  # v1 holds at most two
     data = render_dataset(tmp_path / "d.npz", 12, world="v2")
     assert data["labels"].shape == (12, 2 + 3 * 3)
     ds = ToyDataset("train", 12, world="v2")

@@ -35,18 +35,28 @@ def v2_probes(tmp_path_factory):
 
 
 def test_v1_labels_are_unchanged():
-    renders = [ToyDataset("train", 6, n_objects=1)[i] for i in range(6)]
+    renders = [ToyDataset("train", 6, n_objects=1, world="v1")[i] for i in range(6)]
     before_worlds = {"shape": [0, 1, 4, 2, 3, 1], "color": [0, 4, 0, 1, 2, 1], "background": [3, 0, 0, 1, 3, 0],
                      "detail": [0, 2, 1, 2, 0, 1]}  # what _labels gave before it took a world
-    assert {k: v.tolist() for k, v in _labels(renders).items()} == before_worlds
     assert {k: v.tolist() for k, v in _labels(renders, "v1").items()} == before_worlds
 
 
-def test_shipped_probes_are_v1():
-    with safe_open(str(PROBE_FILE), "pt") as f:
-        assert not (f.metadata() or {}).get("world")  # no metadata: read as v1
-    probes = Probes()
-    assert probes.world == "v1" and probes.heads == HEADS
+@pytest.fixture(scope="module")
+def v1_probes(tmp_path_factory):
+    """The same on world v1, so these tests do not depend on which world the shipped probes are of."""
+    out = tmp_path_factory.mktemp("probes") / "v1.safetensors"
+    return out, train(steps=3, batch=8, n_images=16, out=out, world="v1", n_heldout=16, progress=False)
+
+
+def test_probe_files_without_a_world_read_as_v1(v1_probes, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from diffnb.toyworld.probes import heads, probe_world
+    from diffnb.toyworld.world import TOY_WORLD
+
+    save_file(load_file(v1_probes[0]), tmp_path / "old.safetensors")  # as files were written before worlds
+    assert probe_world(tmp_path / "old.safetensors") == "v1" and heads("v1") == HEADS
+    assert Probes().heads == heads(TOY_WORLD)
 
 
 def test_pattern_world_detail_labels_come_from_patterns():
@@ -55,7 +65,7 @@ def test_pattern_world_detail_labels_come_from_patterns():
     assert {"spots", "stripes"} & set(details)
     assert _labels(renders, "pattern")["detail"].tolist() == [PATTERNS.index(d) for d in details]
     with pytest.raises(ValueError, match="world"):
-        _labels(renders)  # v1's labels of pattern renders
+        _labels(renders)  # the shipped world's labels of pattern renders
 
 
 def test_tiny_v2_probes_record_their_world(v2_probes):
@@ -83,8 +93,8 @@ def test_training_another_world_refuses_the_shipped_file(monkeypatch):
         train(steps=1, n_images=1, out=PROBE_FILE, world=other)
 
 
-def test_scorers_refuse_probes_of_another_world(v2_probes):
-    shipped, v2 = Probes(), Probes(v2_probes[0])
+def test_scorers_refuse_probes_of_another_world(v1_probes, v2_probes):
+    shipped, v2 = Probes(v1_probes[0]), Probes(v2_probes[0])
     with pytest.raises(ValueError, match="trained on world 'v1', not 'v2'"):
         fidelity(RecordingPipe(), shipped, 2, world="v2")
     with pytest.raises(ValueError, match="trained on world 'v2', not 'v1'"):
@@ -95,7 +105,7 @@ def test_scorers_refuse_probes_of_another_world(v2_probes):
         fidelity(RecordingPipe(), shipped, 2, world="v3")
 
 
-def test_fidelity_draws_scenes_of_the_probes_world(v2_probes, monkeypatch):
+def test_fidelity_draws_scenes_of_the_probes_world(v1_probes, v2_probes, monkeypatch):
     from diffnb.toyworld import evaluate as evaluate_module
 
     worlds = []
@@ -109,7 +119,7 @@ def test_fidelity_draws_scenes_of_the_probes_world(v2_probes, monkeypatch):
 
     monkeypatch.setattr(evaluate_module, "random_scene", recording_scene)
     pipe = RecordingPipe()
-    fidelity(pipe, Probes(), 4)
+    fidelity(pipe, Probes(v1_probes[0]), 4)
     assert worlds == ["v1"] * 4 and pipe.prompts == heldout_prompts("v1")
     worlds.clear()
     pipe = RecordingPipe()
@@ -118,7 +128,7 @@ def test_fidelity_draws_scenes_of_the_probes_world(v2_probes, monkeypatch):
     assert images.shape == (4, 64, 64, 3) and {"fidelity_shape", "shape_confusions"} <= set(m)
 
 
-def test_evaluate_cli_world_defaults_to_the_model_and_checks_the_probes(tmp_path, monkeypatch):
+def test_evaluate_cli_world_defaults_to_the_model_and_checks_the_probes(v1_probes, tmp_path, monkeypatch):
     import diffnb.models
 
     assert model_world(tmp_path) == "v1"
@@ -130,10 +140,10 @@ def test_evaluate_cli_world_defaults_to_the_model_and_checks_the_probes(tmp_path
 
     monkeypatch.setattr(diffnb.models, "load_pipeline", no_loading)
     with pytest.raises(ValueError, match="trained on world 'v1', not 'v2'"):
-        main(["--world", "v2", "--out", str(tmp_path / "metrics.json")])
+        main(["--world", "v2", "--probes", str(v1_probes[0]), "--out", str(tmp_path / "metrics.json")])
     monkeypatch.setattr(diffnb.models, "TOY_DIR", tmp_path)  # a model folder trained on v2: its world by default
     with pytest.raises(ValueError, match="trained on world 'v1', not 'v2'"):
-        main(["--out", str(tmp_path / "metrics.json")])
+        main(["--probes", str(v1_probes[0]), "--out", str(tmp_path / "metrics.json")])
 
 
 def test_model_card_records_the_warm_start_chain_the_vae_and_the_notes(tmp_path):

@@ -328,7 +328,7 @@ def random_scene(rng: np.random.Generator, n_objects: int | None = None, size: i
 
 
 def _random_scene_v1(rng: np.random.Generator, n_objects: int | None, size: int, fixed: dict) -> Scene:
-    """v1's sampler, unchanged: the shipped model, the notebooks and the benchmarks rely on its exact stream."""
+    """v1's sampler, unchanged: the first toy model and every v1 result rely on its exact stream."""
     if n_objects is None:
         n_objects = 1 if rng.random() < 0.8 else 2
     objs = []
@@ -347,4 +347,5 @@ def _random_scene_v1(rng: np.random.Generator, n_objects: int | None, size: int,
             angle=float(fixed["angle"]) if (i == 0 and "angle" in fixed) else float(rng.uniform(-np.pi, np.pi)),
         ))
     bg = fixed.get("background", BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
-    return Scene(objs, background=bg, bg_phase=float(rng.random()), bg_tone=int(rng.integers(3)), size=size)
+    return Scene(objs, background=bg, bg_phase=float(rng.random()), bg_tone=int(rng.integers(3)), size=size,
+                 world="v1")
