@@ -5,8 +5,9 @@ steps, continued twice with `--init-from`; see pilots/README.md). This
 
 1. replaces the pipeline in diffnb/assets/toy (model_index, scheduler, text encoder, tokenizer, UNet, VAE,
    training_config.json) with the export's, so `load_pipeline("toy")` and its `from_pretrained` path are unchanged;
-2. writes assets/toy/loss.csv as one record of every stage, steps counted from the first (the pilot's log did not
-   survive its machine; the continuations' logs are `pilots/v2_warm/loss_full_run.csv` and RUN/loss.csv);
+2. writes assets/toy/loss.csv as one record of every stage, steps counted from the first: the warm start's
+   `loss.csv` (the earlier stages, already in those steps; the pilot's own log did not survive its machine), then
+   RUN/loss.csv shifted by the warm start's steps;
 3. copies the run's probes (trained on its world by `score_pilot.py`) to assets/toy/probes.safetensors + .json;
 4. sets `TOY_WORLD` in diffnb/toyworld/world.py to the run's world.
 
@@ -30,22 +31,20 @@ PIPELINE = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet"
 
 
 def merged_loss(logs: list[tuple[Path, int, int]]) -> str:
-    """(csv, first step of that stage, its length) -> one csv, steps shifted to count from the first stage. Rows a
-    stopped run logged past the checkpoint its export was taken from are dropped (that stage restarted there)."""
+    """(csv, shift, end) -> one csv: each log's steps shifted by `shift`, rows at or past `end` (in shifted steps)
+    dropped: a stopped run logs past the checkpoint its export was taken from, and the next stage restarted there."""
     out = []
-    for path, offset, length in logs:
+    for path, shift, end in logs:
         for line in path.read_text().splitlines():
             stage, step, *rest = line.split(",")
-            if int(step) < length:
-                out.append(",".join([stage, str(int(step) + offset), *rest]))
+            if int(step) + shift < end:
+                out.append(",".join([stage, str(int(step) + shift), *rest]))
     return "\n".join(out) + "\n"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run")
-    p.add_argument("--earlier-log", type=Path, default=REPO / "pilots" / "v2_warm" / "loss_full_run.csv",
-                   help="the loss log of the stage the run continued from")
     a = p.parse_args()
     from diffnb.toyworld.evaluate import model_world
     from diffnb.toyworld.probes import probe_world
@@ -56,14 +55,13 @@ def main():
     world = model_world(export)
     if probe_world(probes) != world:
         raise SystemExit(f"{probes} were trained on world {probe_world(probes)!r}, the model on {world!r}")
-    earlier = json.loads((REPO / cfg["init_from"] / "training_config.json").read_text())["args"]
-    start = cfg["init_steps"] - earlier["trained_unet_steps"]  # where the earlier stage began
+    warm, total = REPO / cfg["init_from"], cfg["init_steps"] + cfg["trained_unet_steps"]
     for name in PIPELINE:
         dst = TOY / name
         shutil.rmtree(dst) if dst.is_dir() else dst.unlink(missing_ok=True)
         (shutil.copytree if (export / name).is_dir() else shutil.copy2)(export / name, dst)
-    (TOY / "loss.csv").write_text(merged_loss([(a.earlier_log, start, earlier["trained_unet_steps"]),
-                                               (run / "loss.csv", cfg["init_steps"], cfg["trained_unet_steps"])]))
+    (TOY / "loss.csv").write_text(merged_loss([(warm / "loss.csv", 0, cfg["init_steps"]),
+                                               (run / "loss.csv", cfg["init_steps"], total)]))
     shutil.copy2(probes, TOY / "probes.safetensors")
     shutil.copy2(probes.with_suffix(".json"), TOY / "probes.json")
     world_py = REPO / "diffnb" / "toyworld" / "world.py"
@@ -71,7 +69,7 @@ def main():
     if n != 1:
         raise SystemExit(f"no single TOY_WORLD line in {world_py}")
     world_py.write_text(text)
-    print(f"shipped {export} (world {world}, {cfg['init_steps'] + cfg['trained_unet_steps']:,} UNet steps) to {TOY}")
+    print(f"shipped {export} (world {world}, {total:,} UNet steps) to {TOY}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def rows() -> list[str]:
         out.append("| " + " | ".join([
             f.stem + (" (the v1 toy model)" if shipped else ""), r.get("world", "v1"),
             "11,500" if shipped else f"{r.get('total_unet_steps') or r.get('trained_unet_steps'):,}",
-            "-" if shipped else str(r.get("train_cpu_minutes")),
+            "-" if shipped or not r.get("train_cpu_minutes") else str(r["train_cpu_minutes"]),
             "-" if shipped or r.get("final_loss_smoothed") is None else f"{r['final_loss_smoothed']:.3f}",
             *[cell(k) for k, _ in PREMISES],
             "-" if not fid else " / ".join(f"{fid[k]:.2f}" for k in ("shape", "color", "background")),
