@@ -52,9 +52,23 @@ class Premise:
     def to_dict(self) -> dict:
         return {**asdict(self), "holds": self.holds}
 
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The 95 % bootstrap interval the test reports (over images or sets), if any: a small sample's value alone
+        can sit on the wrong side of its bar."""
+        ci = next((v for k, v in self.details.items() if k.startswith("ci95") and v is not None), None)
+        return None if ci is None else (float(ci[0]), float(ci[1]))
+
+    @property
+    def target(self) -> str:
+        """The bar and the interval, as a notebook claim's target: ">= 3 (95 % interval 2.10 to 3.40)"."""
+        ci = "" if self.interval is None else f" (95 % interval {self.interval[0]:.2f} to {self.interval[1]:.2f})"
+        return ("reported" if self.bar is None else f">= {self.bar:g}") + ci
+
     def line(self) -> str:
         verdict = "" if self.bar is None else ("holds" if self.holds else "does NOT hold")
-        return f"{self.name:30s} {self.value:8.3f}   bar {self.bar if self.bar is not None else '-':>5}   {verdict}"
+        ci = "" if self.interval is None else f"   95 % interval [{self.interval[0]:.2f}, {self.interval[1]:.2f}]"
+        return f"{self.name:30s} {self.value:8.3f}   bar {self.bar if self.bar is not None else '-':>5}   {verdict}{ci}"
 
 
 def _check_scorer(scorer, keys):
@@ -91,12 +105,27 @@ def _generator(seed: int) -> torch.Generator:
 
 
 # --- EmerDiff ---------------------------------------------------------------------------------------------------
+def modulation_locality(lowres: np.ndarray, differences: np.ndarray) -> list[tuple[int, float, np.ndarray]]:
+    """(segment, locality ratio, its full-size mask) for each segment of one EmerDiff output: the share of the
+    difference map's energy inside the segment's own upsampled mask ÷ the mask's area share (1 = no locality).
+    Segments covering nothing or everything, or whose modulation changed nothing, are skipped."""
+    from .papers.emerdiff import upsample_labels
+
+    out = []
+    for s in range(differences.shape[0]):
+        inside = upsample_labels((lowres == s).astype(int), differences.shape[1:], 2) == 1
+        energy = differences[s]
+        if 0 < inside.mean() < 1 and energy.sum() > 0:
+            out.append((s, float((energy[inside].sum() / energy.sum()) / inside.mean()), inside))
+    return out
+
+
 def emerdiff_locality(pipe, images, n_regions, args=None, segments_per_region: int = 2, masks=None) -> Premise:
     """Median locality ratio of EmerDiff's modulations (module docstring). images: list of (H, W, 3) uint8;
     n_regions: regions per image (int or one per image); args: `EmerDiffArgs` (K is set per image).
     masks (optional, per image (R, H, W) bool with the background last): also splits the ratios by whether a
     segment lies mostly on the background or on an object."""
-    from .papers.emerdiff import EmerDiffArgs, segment, upsample_labels
+    from .papers.emerdiff import EmerDiffArgs, segment
 
     if args is None:
         raise ValueError("give args=EmerDiffArgs(...) (e.g. EmerDiffArgs.for_model('toy')): the layers are model-specific")
@@ -112,16 +141,8 @@ def emerdiff_locality(pipe, images, n_regions, args=None, segments_per_region: i
     ratios, on_bg, per_image, groups = [], [], [], []
     for i, (image, r) in enumerate(zip(images, regions)):
         out = segment(pipe, image, replace(args, n_segments=segments_per_region * r))
-        side_h, side_w = out.differences.shape[1:]
         mine = []
-        for s in range(out.differences.shape[0]):
-            inside = upsample_labels((out.lowres == s).astype(int), side_h, 2) == 1 if side_h == side_w else None
-            if inside is None:
-                raise ValueError("emerdiff_locality needs square images")
-            energy = out.differences[s]
-            if not 0 < inside.mean() < 1 or energy.sum() <= 0:
-                continue
-            ratio = float((energy[inside].sum() / energy.sum()) / inside.mean())
+        for _, ratio, inside in modulation_locality(out.lowres, out.differences):
             mine.append(ratio)
             if masks is not None:
                 on_bg.append(bool(np.asarray(masks[i])[-1][inside].mean() > 0.5))

@@ -113,3 +113,13 @@ def test_bootstrap_interval_resamples_whole_groups():
     assert lo == hi == 1.0  # every resample of identical paired groups gives the same gain
     lo, hi = premises.bootstrap_ci([(1, 0), (0, 0)] * 10, lambda g: float(np.mean([a - b for a, b in g])))
     assert 0.2 < lo < 0.5 < hi < 0.8
+
+
+def test_premise_line_and_target_carry_the_interval():
+    from diffnb.premises import Premise
+
+    p = Premise("style_aligned_shape", 1.05, 0.9, {"sets": 6, "ci95_over_sets": [0.8, 1.3]})
+    assert p.holds and p.interval == (0.8, 1.3)
+    assert p.target == ">= 0.9 (95 % interval 0.80 to 1.30)" and "[0.80, 1.30]" in p.line()
+    bare = Premise("x", 2.0, None, {"ci95_over_images": None})
+    assert bare.interval is None and bare.target == "reported" and bare.holds is None
