@@ -3,7 +3,7 @@
 They stand in for CLIP/DINO when scoring toy generations, so they are trained on renders with blur and
 noise (generations are softer than renders) and their own held-out accuracy is reported next to every use.
 Train: `python -m diffnb.toyworld.probes` (a few minutes on a CPU); shipped as assets/toy/probes.safetensors (world
-v1). For another world: `python -m diffnb.toyworld.probes --world v2 --out PATH`; the file's safetensors metadata
+`TOY_WORLD`). For another world: `python -m diffnb.toyworld.probes --world v2 --out PATH`; the file's safetensors metadata
 records the world it was trained on (no metadata: v1), so a scorer can refuse images of another world.
 """
 from __future__ import annotations
@@ -199,7 +199,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--world", default=TOY_WORLD, choices=tuple(WORLDS), help="the world whose renders train the probes")
-    p.add_argument("--out", type=Path, default=None, help=f"where to save them (default for v1: {PROBE_FILE})")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"where to save them (default for the shipped world, {TOY_WORLD}: {PROBE_FILE})")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     if a.out is None and a.world != TOY_WORLD:
