@@ -61,7 +61,7 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     from diffnb.premises import code_version, load_folder, toy_premises
-    from diffnb.toyworld.evaluate import model_world
+    from diffnb.toyworld.evaluate import model_world, total_unet_steps
     from diffnb.toyworld.probes import Probes
 
     run = RUNS / a.name
@@ -82,7 +82,7 @@ def main():
     result = {
         "name": a.name, "world": world, "budget": {**BUDGET, **PILOTS[a.name]} if a.name in PILOTS else cfg,
         "trained_unet_steps": cfg.get("trained_unet_steps"), "vae_from": cfg.get("vae_from"),
-        "total_unet_steps": cfg.get("init_steps", 0) + cfg.get("trained_unet_steps", 0),
+        "total_unet_steps": total_unet_steps(cfg),
         "final_loss_smoothed": float(loss[-1][3]) if loss else None,
         "train_cpu_minutes": round(sum(c["cpu_s"] for c in cpu if c["stage"] == "train") / 60, 1),
         "probe_heldout_accuracy": probes.heldout_accuracy, "fidelity": fid, "sizes": a.sizes,

@@ -46,7 +46,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run")
     a = p.parse_args()
-    from diffnb.toyworld.evaluate import model_world
+    from diffnb.toyworld.evaluate import model_world, total_unet_steps
     from diffnb.toyworld.probes import probe_world
 
     run = RUNS / a.run
@@ -55,7 +55,7 @@ def main():
     world = model_world(export)
     if probe_world(probes) != world:
         raise SystemExit(f"{probes} were trained on world {probe_world(probes)!r}, the model on {world!r}")
-    warm, total = REPO / cfg["init_from"], cfg["init_steps"] + cfg["trained_unet_steps"]
+    warm, total = REPO / cfg["init_from"], total_unet_steps(cfg)
     for name in PIPELINE:
         dst = TOY / name
         shutil.rmtree(dst) if dst.is_dir() else dst.unlink(missing_ok=True)

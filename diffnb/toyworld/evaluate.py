@@ -203,6 +203,11 @@ def model_world(model_dir: Path) -> str:
     return world_config(world).name
 
 
+def total_unet_steps(cfg: dict) -> int:
+    """UNet steps behind an export (training_config.json's args): a warm start's steps plus this run's."""
+    return cfg.get("init_steps", 0) + cfg.get("trained_unet_steps", cfg["unet_steps"])
+
+
 def grounding_note(cfg: dict) -> str:
     if not cfg.get("grounding") or cfg.get("grounding_from") is None:
         return "The cross-attention was not supervised: where it localises, that is emergent."
@@ -234,7 +239,7 @@ def write_card(m: dict, out_dir: Path, world: str = TOY_WORLD, notes: str = ""):
     from .prompts import max_tokens
 
     cfg = json.loads((out_dir / "training_config.json").read_text())["args"]
-    total = cfg.get("init_steps", 0) + cfg.get("trained_unet_steps", cfg["unet_steps"])
+    total = total_unet_steps(cfg)
     wc = world_config(world)
     lines, unmet = [], []
     for k, v in m.items():
