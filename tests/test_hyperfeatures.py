@@ -406,6 +406,57 @@ def test_toy_pairs():
                            p.trg_image[int(p.trg_kps[0, 1]), int(p.trg_kps[0, 0])], atol=10)
 
 
+
+def test_object_points_name_one_place_on_the_object_in_every_image():
+    """`p{k}` is object_points(shape)[k] in every render: a similarity fitted to the named keypoints of any image
+    (pixel = A * uv + B in complex numbers, y down) maps uv_k onto that image's p{k}."""
+    from diffnb.toyworld.scoring import object_points
+    from diffnb.toyworld.world import KEYPOINTS
+    for p in keypoint_pairs(4, "train", seed=2, extra_points=12, classes=("heart", "triangle")):
+        uv = object_points(p.category, 12)
+        named = [n for n in p.names if not n.startswith("p")]
+        w_named = 0.85 * np.array([complex(*KEYPOINTS[p.category][n]) for n in named])  # render pulls them in
+        for kps in (p.src_kps, p.trg_kps):
+            z = kps[:, 0] - 1j * kps[:, 1]
+            A, B = np.linalg.lstsq(np.stack([w_named, np.ones_like(w_named)], 1), z[:len(named)], rcond=None)[0]
+            idx = [int(n[1:]) for n in p.names[len(named):]]
+            assert len(idx) >= 6
+            np.testing.assert_allclose(z[len(named):], A * (uv[idx, 0] + 1j * uv[idx, 1]) + B, atol=1e-6)
+
+
+def test_cross_pairs_match_keypoints_by_name_and_index_features_by_row():
+    dense = keypoint_pairs(3, "train", seed=1, extra_points=8, classes=("heart",))
+    feats = _synthetic(3).features
+    cross = hft.cross_pairs(hft.PairFeatures(dense, feats))
+    assert len(cross.pairs) == 6 * 5 and len(set(cross.rows)) == 30 and all(a != b for a, b in cross.rows)
+    kps = {}  # feature row -> {name: xy}, from the listed pairs
+    for i, q in enumerate(dense):
+        kps[2 * i], kps[2 * i + 1] = dict(zip(q.names, q.src_kps)), dict(zip(q.names, q.trg_kps))
+    for q, (a, b) in zip(cross.pairs, cross.rows):
+        assert set(q.names) == set(kps[a]) & set(kps[b])
+        for n, xs, xt in zip(q.names, q.src_kps, q.trg_kps):
+            np.testing.assert_array_equal(xs, kps[a][n]) and np.testing.assert_array_equal(xt, kps[b][n])
+    with pytest.raises(ValueError, match="names"):
+        hft.cross_pairs(_synthetic(2))  # synthetic pairs have no keypoint names
+    with pytest.raises(ValueError, match="rows"):
+        hft.PairFeatures(dense, feats, rows=[(0, 1), (2, 3), (4, 6)])
+
+
+def test_train_aggregator_reads_each_pair_at_its_rows():
+    """The same pairs with their images stored in reverse order and `rows` pointing there train identically; read
+    as the default layout [src_0, trg_0, ...], they would not."""
+    data = _synthetic(3)
+    rev = hf.Hyperfeatures({k: v.flip(0) for k, v in data.features.maps.items()}, data.features.steps,
+                           data.features.timesteps)
+    moved = hft.PairFeatures(data.pairs, rev, rows=[(5 - 2 * i, 4 - 2 * i) for i in range(3)])
+    runs = []
+    for d in (data, moved, hft.PairFeatures(data.pairs, rev)):
+        torch.manual_seed(0)
+        net = hf.AggregationNetwork.for_features(d.features, projection_dim=8, output_size=8)
+        runs.append(hft.train_aggregator(net, d, steps=5, seed=0, progress=False))
+    np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5)
+    assert not np.allclose(runs[0], runs[2])
+
 def _write_spair(root, pairs):
     from PIL import Image
 

@@ -58,9 +58,28 @@ def score(predictions, pairs, alpha: float = 0.1) -> dict:
     if len(predictions) != len(pairs):
         raise ValueError(f"{len(pairs)} pairs need {len(pairs)} predictions, got {len(predictions)}")
     img = [pck(q, p.trg_kps, alpha * max(p.trg_image.shape[:2])) for q, p in zip(predictions, pairs)]
-    box = [pck(q, p.trg_kps, alpha * max(p.trg_bbox[2:] - p.trg_bbox[:2])) for q, p in zip(predictions, pairs)]
+    box = pair_hits(predictions, pairs, alpha)
     return {"pck_img": float(np.concatenate(img).mean()), "pck_bbox": float(np.concatenate(box).mean()),
             "n": int(sum(len(b) for b in box))}
+
+
+def pair_hits(predictions, pairs, alpha: float = 0.1) -> list[np.ndarray]:
+    """Per pair, per keypoint: within alpha*max(bbox h, w) of the target? (PCK@alpha bbox, unpooled: the unit a
+    paired bootstrap over pairs resamples.)"""
+    return [pck(q, p.trg_kps, alpha * max(p.trg_bbox[2:] - p.trg_bbox[:2])) for q, p in zip(predictions, pairs)]
+
+
+def pck_gain(hits, base_hits) -> dict:
+    """PCK@0.1 bbox points of one matcher minus another's on the same pairs (`pair_hits` of each), pooled over
+    keypoints, with a 95 % interval that resamples whole pairs (a pair's keypoints are not independent)."""
+    from ..premises import bootstrap_ci
+
+    if len(hits) != len(base_hits) or any(len(a) != len(b) for a, b in zip(hits, base_hits)):
+        raise ValueError("pck_gain needs the pair_hits of two matchers on the same pairs")
+    groups = list(zip(hits, base_hits))
+    gain = lambda g: 100 * (sum(a.sum() for a, _ in g) - sum(b.sum() for _, b in g)) / max(1, sum(len(a) for a, _ in g))
+    lo, hi = bootstrap_ci(groups, gain)
+    return {"gain": float(gain(groups)), "low": lo, "high": hi, "pairs": len(groups)}
 
 
 def evaluate(descriptors, pairs, alpha: float = 0.1) -> dict:
@@ -69,17 +88,19 @@ def evaluate(descriptors, pairs, alpha: float = 0.1) -> dict:
 
 
 def evaluate_streamed(pipe, pairs, methods: dict, batch_pairs: int = 4, alpha: float = 0.1, progress: bool = True,
-                      **kwargs) -> dict[str, dict]:
+                      keep_hits: bool = False, **kwargs) -> dict[str, dict]:
     """PCK of several matchers on pairs whose features (`pair_features(pipe, ..., **kwargs)`) are extracted
     `batch_pairs` at a time and dropped, so a held-out set need not fit in memory.
-    `methods`: {name: fn(Hyperfeatures, pairs) -> list of (K, 2) predictions}, e.g. `concat_predict`."""
+    `methods`: {name: fn(Hyperfeatures, pairs) -> list of (K, 2) predictions}, e.g. `concat_predict`.
+    `keep_hits` adds each matcher's `pair_hits` ("hits"), for `pck_gain` between two of them."""
     pairs, preds = list(pairs), {k: [] for k in methods}
     for i in tqdm(range(0, len(pairs), batch_pairs), desc="held-out pairs", disable=not progress):
         chunk = pairs[i:i + batch_pairs]
         feats = pair_features(pipe, chunk, progress=False, **kwargs).features
         for k, fn in methods.items():
             preds[k] += fn(feats, chunk)
-    return {k: score(v, pairs, alpha) for k, v in preds.items()}
+    return {k: {**score(v, pairs, alpha), **({"hits": pair_hits(v, pairs, alpha)} if keep_hits else {})}
+            for k, v in preds.items()}
 
 
 # --- baselines ------------------------------------------------------------------------------------------------

@@ -287,8 +287,16 @@ def main(argv=None):
                    help="the world of the scored scenes (default: training_config.json's args.world, else v1)")
     p.add_argument("--probes", type=Path, default=PROBE_FILE, help="probes trained on that world")
     p.add_argument("--notes", type=Path, default=None, help="markdown appended to the model card after its status")
+    p.add_argument("--card-only", action="store_true",
+                   help="rewrite the card from the metrics already in --out (e.g. with new --notes); measure nothing")
     a = p.parse_args(argv)
     world = a.world or model_world(TOY_DIR)
+    if a.card_only:
+        if not a.out.exists():
+            raise SystemExit(f"--card-only needs measured metrics in {a.out}; run without it first")
+        m = json.loads(a.out.read_text())
+        write_card(m, a.out.parent, m.get("world", world), a.notes.read_text() if a.notes else "")
+        return m
     probes = Probes(a.probes)
     check_world(probes, world)  # before minutes of generation, not after
     pipe = load_pipeline("toy", device="cpu")

@@ -191,14 +191,22 @@ def triplets(kind: str, n: int, split: str = "heldout", seed: int = 0, world: st
 
 
 # --- Hyperfeatures: keypoint pairs ----------------------------------------------------------------------------
+def object_points(shape: str, n: int) -> np.ndarray:
+    """n fixed points (u, v) inside `shape`'s object frame, the same on every call: point "p{k}" of a keypoint pair
+    is one place on the object in every image of the class, so pairs can be re-paired (`hyperfeatures_train.cross_pairs`)."""
+    uv = np.random.default_rng([7919, SHAPES.index(shape)]).uniform(-1, 1, (40 * n + 40, 2))
+    return uv[inside_shape(shape, uv[:, 0], uv[:, 1])][:n]
+
+
 def keypoint_pairs(n: int, split: str = "train", seed: int = 0, classes=("heart", "triangle"),
                    max_angle: float = math.pi / 4, min_keypoints: int = 2, extra_points: int = 0,
                    size: int | None = None, world: str = TOY_WORLD) -> list[Pair]:
     """Pairs of toy renders of one keypoint class with different pose (rotation within +-max_angle each),
     scale, position, colour and background; the keypoints visible in both, matched by name; boxes from masks.
     `classes` may be any of the renderer's keypoint classes (heart, moon, triangle).
-    `extra_points` adds that many random matched object points ("p0", ...; same images): more supervision a pair
-    (ours; the toy world knows both poses). `size` renders the same scenes larger; `world` picks a world variant."""
+    `extra_points` adds up to that many matched object points ("p0", ...: `object_points`, those both renders show;
+    same images): more supervision a pair (ours; the toy world knows both poses). `size` renders the same scenes
+    larger; `world` picks a world variant."""
     scene_rng(split, 0)  # validates the split name
     if bad := [c for c in classes if c not in KEYPOINTS]:
         raise ValueError(f"classes {bad} have no keypoints; allowed: {sorted(KEYPOINTS)}")
@@ -216,17 +224,15 @@ def keypoint_pairs(n: int, split: str = "train", seed: int = 0, classes=("heart"
         else:
             raise RuntimeError(f"no pair with {min_keypoints} visible keypoints for {shape}")
         kps = [np.array([r[j].keypoints[0][k][:2] for k in names]) for j in (0, 1)]
-        if extra_points:  # object-frame points mapped through both poses, kept where both renders show the object
-            uv = np.random.default_rng([SPLITS[split], 7919, seed, i, 1]).uniform(-1, 1, (40 * extra_points, 2))
-            uv = uv[inside_shape(shape, uv[:, 0], uv[:, 1])]
+        if extra_points:  # the class's object points mapped through both poses, kept where both renders show them
+            uv = object_points(shape, extra_points)
             xy = [np.stack(to_pixels(r[j].scene.objects[0], uv[:, 0], uv[:, 1]), 1) for j in (0, 1)]
             ok = np.ones(len(uv), bool)
             for j in (0, 1):
                 c, side = np.floor(xy[j]).astype(int), r[j].image.shape[0]
                 ok &= ((c >= 0) & (c < side)).all(1) & r[j].masks[0][c[:, 1].clip(0, side - 1), c[:, 0].clip(0, side - 1)]
-            xy = [x[ok][:extra_points] for x in xy]
-            kps = [np.concatenate([k, x]) for k, x in zip(kps, xy)]
-            names = names + tuple(f"p{j}" for j in range(len(xy[0])))
+            kps = [np.concatenate([k, x[ok]]) for k, x in zip(kps, xy)]
+            names = names + tuple(f"p{j}" for j in np.flatnonzero(ok))
         boxes = []
         for j in (0, 1):
             ys, xs = np.nonzero(r[j].masks[0])
