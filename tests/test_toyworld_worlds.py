@@ -166,3 +166,21 @@ def test_model_card_records_the_warm_start_chain_the_vae_and_the_notes(tmp_path)
     write_card(m, tmp_path, "v1")
     card = (tmp_path / "README.md").read_text()
     assert "VAE 800 steps" in card and "11,500 steps" in card and "Warm-started" not in card and "16 tokens" in card
+
+
+def test_card_only_rewrites_the_card_from_measured_metrics_without_measuring(tmp_path, monkeypatch):
+    """`evaluate --card-only` reads metrics.json beside the card and appends the notes; it loads no pipeline."""
+    from diffnb.toyworld import evaluate
+
+    args = dict(vae_steps=800, unet_steps=11500, batch=32, lr=4e-4, grounding=0.01, grounding_from=6750,
+                device="cpu", world="v1")
+    (tmp_path / "training_config.json").write_text(json.dumps({"args": args}))
+    m = {"fidelity_shape": 0.905, "probe_heldout_accuracy": {"shape": 1.0}, "n_fidelity": 200, "world": "v1"}
+    (tmp_path / "metrics.json").write_text(json.dumps(m))
+    (tmp_path / "notes.md").write_text("## Pilots\n| a | b |\n")
+    monkeypatch.setattr("diffnb.models.load_pipeline", lambda *a, **k: pytest.fail("--card-only measured"))
+    evaluate.main(["--card-only", "--out", str(tmp_path / "metrics.json"), "--notes", str(tmp_path / "notes.md")])
+    card = (tmp_path / "README.md").read_text()
+    assert "| fidelity_shape | 0.905 | ≥ 0.9 |" in card and "## Pilots\n| a | b |" in card
+    with pytest.raises(SystemExit, match="needs measured metrics"):
+        evaluate.main(["--card-only", "--out", str(tmp_path / "none.json")])
