@@ -3,10 +3,11 @@
 Toy keypoint pairs (heart / triangle, different rotation, scale, colour, background); features of every decoder
 resnet along a DDIM inversion at notebook 03's saved steps; the aggregator trains for a fixed number of steps on
 every same-class pair of the training images (`cross_pairs`; `--no-cross`: the listed pairs only), their 2-4 named
-keypoints plus `--extra-points` matched object points (see `keypoint_pairs`), with the official objective; PCK@0.1 (bbox) on the named keypoints of held-out pairs for hyperfeatures and the paper's
-baselines (best single layer chosen on the train pairs, concat-all, the one-step model at the clean call) plus a
-colour-patch baseline; each step of the paper's ordering with a 95 % interval over held-out pairs. Seed 1 by default:
-pairs notebook 03 (seed 0) never sees.
+keypoints plus `--extra-points` matched object points (see `keypoint_pairs`), with the official objective.
+PCK@0.1 (bbox) on the named keypoints of held-out pairs for hyperfeatures and the paper's baselines (best single
+layer chosen on the train pairs, concat-all, the one-step model at the clean call) plus a colour-patch baseline;
+each step of the paper's ordering with a 95 % interval over held-out pairs. Seed 1 by default: pairs notebook 03
+(seed 0) never sees.
 
     python benchmarks/hyperfeatures_toy.py     # -> benchmarks/results/hyperfeatures_toy.json
 """
