@@ -7,8 +7,8 @@ the header), fidelity by the world's probes, the training record. Paste it into 
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,7 +65,9 @@ def card_notes() -> str:
 
 
 if __name__ == "__main__":
-    if "--card" in sys.argv[1:]:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--card", action="store_true", help="write pilots/card_notes.md instead of printing")
+    if p.parse_args().card:
         out = RESULTS.parent / "card_notes.md"
         out.write_text(card_notes())
         print(f"wrote {out}")

@@ -425,21 +425,44 @@ def test_object_points_name_one_place_on_the_object_in_every_image():
 
 
 def test_cross_pairs_match_keypoints_by_name_and_index_features_by_row():
-    dense = keypoint_pairs(3, "train", seed=1, extra_points=8, classes=("heart",))
-    feats = _synthetic(3).features
+    dense = keypoint_pairs(4, "train", seed=1, extra_points=8, classes=("heart", "triangle"))
+    feats = _synthetic(4).features
     cross = hft.cross_pairs(hft.PairFeatures(dense, feats))
-    assert len(cross.pairs) == 6 * 5 and len(set(cross.rows)) == 30 and all(a != b for a, b in cross.rows)
+    # pairs alternate classes: hearts on rows 0, 1, 4, 5, triangles on 2, 3, 6, 7
+    cat = {r: q.category for i, q in enumerate(dense) for r in (2 * i, 2 * i + 1)}
+    assert len(cross.pairs) == 2 * 4 * 3 and len(set(cross.rows)) == 24 and all(a != b for a, b in cross.rows)
+    assert all(cat[a] == cat[b] == q.category for q, (a, b) in zip(cross.pairs, cross.rows))
     kps = {}  # feature row -> {name: xy}, from the listed pairs
     for i, q in enumerate(dense):
         kps[2 * i], kps[2 * i + 1] = dict(zip(q.names, q.src_kps)), dict(zip(q.names, q.trg_kps))
     for q, (a, b) in zip(cross.pairs, cross.rows):
         assert set(q.names) == set(kps[a]) & set(kps[b])
         for n, xs, xt in zip(q.names, q.src_kps, q.trg_kps):
-            np.testing.assert_array_equal(xs, kps[a][n]) and np.testing.assert_array_equal(xt, kps[b][n])
+            np.testing.assert_array_equal(xs, kps[a][n])
+            np.testing.assert_array_equal(xt, kps[b][n])
+    same = hft.PairFeatures([dense[0], dense[0]], _synthetic(2).features)  # one image on two rows: no self-pairs
+    assert not {(0, 2), (2, 0), (1, 3), (3, 1)} & set(hft.cross_pairs(same).rows)  # rows 0, 2 (1, 3): one image
+    assert len(hft.cross_pairs(same).rows) == 4 * 3 - 4
     with pytest.raises(ValueError, match="names"):
         hft.cross_pairs(_synthetic(2))  # synthetic pairs have no keypoint names
-    with pytest.raises(ValueError, match="rows"):
-        hft.PairFeatures(dense, feats, rows=[(0, 1), (2, 3), (4, 6)])
+    for rows in ([(0, 1), (2, 3), (4, 8), (6, 7)], [(0, 1, 2), (2, 3), (4, 5), (6, 7)], [(0, 1.5), (2, 3), (4, 5), (6, 7)]):
+        with pytest.raises(ValueError, match="rows"):
+            hft.PairFeatures(dense, feats, rows=rows)
+    with pytest.raises(ValueError, match="one distinct name per keypoint"):
+        hft.Pair(dense[0].src_image, dense[0].trg_image, dense[0].src_kps, dense[0].trg_kps, dense[0].src_bbox,
+                 dense[0].trg_bbox, "heart", dense[0].names[:-1])
+
+
+def test_pck_gain_is_the_pooled_difference_with_an_interval_over_pairs():
+    a = [np.array([True, True]), np.array([True, False]), np.array([True, True, True])]
+    b = [np.array([False, True]), np.array([False, False]), np.array([True, True, False])]
+    g = hfe.pck_gain(a, b)
+    assert g["gain"] == pytest.approx(100 * (6 - 3) / 7) and g["pairs"] == 3 and g["low"] <= g["gain"] <= g["high"]
+    assert hfe.pck_gain(b, a)["gain"] == pytest.approx(-g["gain"])
+    with pytest.raises(ValueError, match="same pairs"):
+        hfe.pck_gain(a, b[:2])
+    with pytest.raises(ValueError, match="predictions"):
+        hfe.pair_hits([np.zeros((2, 2))], [])
 
 
 def test_train_aggregator_reads_each_pair_at_its_rows():

@@ -53,12 +53,8 @@ def predict(descriptors, pairs) -> list[np.ndarray]:
 
 def score(predictions, pairs, alpha: float = 0.1) -> dict:
     """PCK@alpha pooled over keypoints, thresholds alpha*max(image H, W) and alpha*max(bbox h, w) of the target."""
-    if not 0 < alpha <= 1:
-        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    if len(predictions) != len(pairs):
-        raise ValueError(f"{len(pairs)} pairs need {len(pairs)} predictions, got {len(predictions)}")
+    box = pair_hits(predictions, pairs, alpha)  # checks alpha and the lengths
     img = [pck(q, p.trg_kps, alpha * max(p.trg_image.shape[:2])) for q, p in zip(predictions, pairs)]
-    box = pair_hits(predictions, pairs, alpha)
     return {"pck_img": float(np.concatenate(img).mean()), "pck_bbox": float(np.concatenate(box).mean()),
             "n": int(sum(len(b) for b in box))}
 
@@ -66,12 +62,16 @@ def score(predictions, pairs, alpha: float = 0.1) -> dict:
 def pair_hits(predictions, pairs, alpha: float = 0.1) -> list[np.ndarray]:
     """Per pair, per keypoint: within alpha*max(bbox h, w) of the target? (PCK@alpha bbox, unpooled: the unit a
     paired bootstrap over pairs resamples.)"""
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    if len(predictions) != len(pairs):
+        raise ValueError(f"{len(pairs)} pairs need {len(pairs)} predictions, got {len(predictions)}")
     return [pck(q, p.trg_kps, alpha * max(p.trg_bbox[2:] - p.trg_bbox[:2])) for q, p in zip(predictions, pairs)]
 
 
 def pck_gain(hits, base_hits) -> dict:
-    """PCK@0.1 bbox points of one matcher minus another's on the same pairs (`pair_hits` of each), pooled over
-    keypoints, with a 95 % interval that resamples whole pairs (a pair's keypoints are not independent)."""
+    """PCK (bbox, at the alpha the hits used) points of one matcher minus another's on the same pairs (`pair_hits`
+    of each), pooled over keypoints, with a 95 % interval that resamples whole pairs (a pair's keypoints are not independent)."""
     from ..premises import bootstrap_ci
 
     if len(hits) != len(base_hits) or any(len(a) != len(b) for a, b in zip(hits, base_hits)):

@@ -51,6 +51,10 @@ class Pair:
         if self.src_bbox.shape != (4,) or self.trg_bbox.shape != (4,) or (self.src_bbox[2:] <= self.src_bbox[:2]).any() \
                 or (self.trg_bbox[2:] <= self.trg_bbox[:2]).any():
             raise ValueError(f"boxes must be (x0, y0, x1, y1) with x1 > x0, y1 > y0; got {self.src_bbox}, {self.trg_bbox}")
+        self.names = tuple(self.names)
+        if self.names and (len(self.names) != len(self.src_kps) or len(set(self.names)) != len(self.names)):
+            raise ValueError(f"names must be empty or one distinct name per keypoint ({len(self.src_kps)}), "
+                             f"got {self.names}")
 
 
 @dataclass
@@ -67,30 +71,37 @@ class PairFeatures:
                 raise ValueError(f"{len(self.pairs)} pairs need features of {2 * len(self.pairs)} images, "
                                  f"got {len(self.features)}")
             self.rows = [(2 * i, 2 * i + 1) for i in range(len(self.pairs))]
-        self.rows = [tuple(int(r) for r in rc) for rc in self.rows]
-        if len(self.rows) != len(self.pairs) or any(not 0 <= r < len(self.features) for rc in self.rows for r in rc):
-            raise ValueError(f"rows must give each of the {len(self.pairs)} pairs two feature rows in "
-                             f"[0, {len(self.features)})")
+        ok = lambda r: isinstance(r, (int, np.integer)) and not isinstance(r, bool) and 0 <= r < len(self.features)
+        if len(self.rows) != len(self.pairs) or any(
+                not isinstance(rc, (tuple, list)) or len(rc) != 2 or not all(map(ok, rc)) for rc in self.rows):
+            raise ValueError(f"rows must give each of the {len(self.pairs)} pairs two int feature rows in "
+                             f"[0, {len(self.features)}), got {self.rows[:4]}...")
+        self.rows = [(int(a), int(b)) for a, b in self.rows]
 
 
 def cross_pairs(data: PairFeatures, min_keypoints: int = 2) -> PairFeatures:
     """Every ordered pair of two different cached images of one category, keypoints matched by name (SPair's
-    `kps_ids`, the toy's keypoint and object-point names): n pairs of one category become 2n(2n - 1) over the same
-    features, no extraction more. Ours, not official (the official draws SPair's listed pairs): with a few dozen
-    listed pairs re-drawn for 1,000s of steps the aggregator learns them by heart (toy: train PCK 99 vs held-out 74)."""
+    `kps_ids`, the toy's keypoint and object-point names): n pairs of one category become up to 2n(2n - 1) over the
+    same features, no extraction more. Ours, not official (the official draws SPair's listed pairs): with a few dozen
+    listed pairs re-drawn for 1,000 steps the aggregator learns them by heart (toy, 64 listed pairs: train PCK 98 vs
+    held-out 81, benchmarks/results/hyperfeatures_toy_listed.json)."""
     if not isinstance(data, PairFeatures):
         raise TypeError(f"data must be PairFeatures, got {type(data).__name__}")
-    if any(not p.names for p in data.pairs):
-        raise ValueError("cross_pairs matches keypoints by name: every pair needs `names`")
-    images = {}  # feature row -> (image, {name: (x, y)}, bbox, category)
+    if isinstance(min_keypoints, bool) or not isinstance(min_keypoints, int) or min_keypoints < 1:
+        raise ValueError(f"min_keypoints must be an int >= 1, got {min_keypoints!r}")
+    if any(not p.names or not p.category for p in data.pairs):
+        raise ValueError("cross_pairs matches keypoints by name within a category: every pair needs `names` and "
+                         "`category`")
+    images = {}  # feature row -> (image, {name: (x, y)}, bbox, category); a row in several pairs pools its names
     for p, (a, b) in zip(data.pairs, data.rows):
-        images[a] = (p.src_image, dict(zip(p.names, p.src_kps)), p.src_bbox, p.category)
-        images[b] = (p.trg_image, dict(zip(p.names, p.trg_kps)), p.trg_bbox, p.category)
+        for row, im, kps, box in ((a, p.src_image, p.src_kps, p.src_bbox), (b, p.trg_image, p.trg_kps, p.trg_bbox)):
+            images.setdefault(row, (im, {}, box, p.category))[1].update(zip(p.names, kps))
     pairs, rows = [], []
     for a, (im_a, kp_a, box_a, cat_a) in images.items():
         for b, (im_b, kp_b, box_b, cat_b) in images.items():
             names = tuple(k for k in kp_a if k in kp_b)
-            if a != b and cat_a == cat_b and len(names) >= min_keypoints:
+            # the same image on two rows (SPair lists an image in many pairs) would be a trivial identity match
+            if a != b and cat_a == cat_b and len(names) >= min_keypoints and not np.array_equal(im_a, im_b):
                 pairs.append(Pair(im_a, im_b, [kp_a[k] for k in names], [kp_b[k] for k in names], box_a, box_b,
                                   cat_a, names))
                 rows.append((a, b))

@@ -43,7 +43,7 @@ def spair_pairs(root, split: str = "test", category: str | None = None, limit: i
             raise ValueError(f"{f.name} lacks {missing}; SPair pair annotations have {SPAIR_FIELDS}")
         if category is not None and d["category"] != category:
             continue
-        names = tuple(str(k) for k in d.get("kps_ids", range(len(d["src_kps"]))))
+        names = tuple(str(k) for k in d.get("kps_ids", ()))  # none: positions are no identity (cross_pairs refuses)
         pairs.append(Pair(load(d["category"], d["src_imname"]), load(d["category"], d["trg_imname"]), d["src_kps"],
                           d["trg_kps"], d["src_bndbox"], d["trg_bndbox"], d["category"], names))
         if limit is not None and len(pairs) >= limit:
