@@ -12,6 +12,9 @@ steps, continued twice with `--init-from`; see pilots/README.md). This
 4. sets `TOY_WORLD` in diffnb/toyworld/world.py to the run's world.
 
 Then `python -m diffnb.toyworld.evaluate --notes pilots/card_notes.md` measures the model card.
+
+`--warm` instead replaces pilots/v2_warm (the committed warm start of the next stage) with the export and the merged
+loss record, and ships nothing: a stage that does not yet clear the model's bars survives a new machine that way.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ def merged_loss(logs: list[tuple[Path, int, int]]) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run")
+    p.add_argument("--warm", action="store_true", help="replace pilots/v2_warm with the export; ship nothing")
     a = p.parse_args()
     from diffnb.toyworld.evaluate import model_world, total_unet_steps
     from diffnb.toyworld.probes import probe_world
@@ -56,12 +60,16 @@ def main():
     if probe_world(probes) != world:
         raise SystemExit(f"{probes} were trained on world {probe_world(probes)!r}, the model on {world!r}")
     warm, total = REPO / cfg["init_from"], total_unet_steps(cfg)
+    loss = merged_loss([(warm / "loss.csv", 0, cfg["init_steps"]), (run / "loss.csv", cfg["init_steps"], total)])
+    dest = REPO / "pilots" / "v2_warm" if a.warm else TOY
     for name in PIPELINE:
-        dst = TOY / name
+        dst = dest / name
         shutil.rmtree(dst) if dst.is_dir() else dst.unlink(missing_ok=True)
         (shutil.copytree if (export / name).is_dir() else shutil.copy2)(export / name, dst)
-    (TOY / "loss.csv").write_text(merged_loss([(warm / "loss.csv", 0, cfg["init_steps"]),
-                                               (run / "loss.csv", cfg["init_steps"], total)]))
+    (dest / "loss.csv").write_text(loss)
+    if a.warm:
+        print(f"installed {export} ({total:,} UNet steps) as the warm start {dest}")
+        return
     shutil.copy2(probes, TOY / "probes.safetensors")
     shutil.copy2(probes.with_suffix(".json"), TOY / "probes.json")
     world_py = REPO / "diffnb" / "toyworld" / "world.py"
