@@ -1,7 +1,8 @@
 """Ship a trained run as the new `toy` (issue 17, step 3): `python pilots/ship.py RUN`.
 
 RUN is a folder in /work/pilot_runs whose `export/` is the chosen world's full training (for v2: the pilot's 3,000
-steps, continued twice with `--init-from`; see pilots/README.md). This
+steps, continued with `--init-from`; see pilots/README.md), or a committed warm start with its probes
+(`python pilots/ship.py pilots/v2_warm`: its loss.csv already records every stage). This
 
 1. replaces the pipeline in diffnb/assets/toy (model_index, scheduler, text encoder, tokenizer, UNet, VAE,
    training_config.json) with the export's, so `load_pipeline("toy")` and its `from_pretrained` path are unchanged;
@@ -53,14 +54,17 @@ def main():
     from diffnb.toyworld.evaluate import model_world, total_unet_steps
     from diffnb.toyworld.probes import probe_world
 
-    run = RUNS / a.run
-    export, probes = run / "export", run / "probes.safetensors"
+    run = Path(a.run).resolve() if Path(a.run, "model_index.json").exists() else RUNS / a.run
+    export, probes = (run / "export" if (run / "export").is_dir() else run), run / "probes.safetensors"
+    if export == run and a.warm:
+        raise SystemExit(f"{run} is a warm start already")
     cfg = json.loads((export / "training_config.json").read_text())["args"]
     world = model_world(export)
     if probe_world(probes) != world:
         raise SystemExit(f"{probes} were trained on world {probe_world(probes)!r}, the model on {world!r}")
     warm, total = REPO / cfg["init_from"], total_unet_steps(cfg)
-    loss = merged_loss([(warm / "loss.csv", 0, cfg["init_steps"]), (run / "loss.csv", cfg["init_steps"], total)])
+    loss = (run / "loss.csv").read_text() if export == run else \
+        merged_loss([(warm / "loss.csv", 0, cfg["init_steps"]), (run / "loss.csv", cfg["init_steps"], total)])
     dest = REPO / "pilots" / "v2_warm" if a.warm else TOY
     for name in PIPELINE:
         dst = dest / name
