@@ -193,7 +193,8 @@ def triplets(kind: str, n: int, split: str = "heldout", seed: int = 0, world: st
 # --- Hyperfeatures: keypoint pairs ----------------------------------------------------------------------------
 def object_points(shape: str, n: int) -> np.ndarray:
     """n fixed points (u, v) inside `shape`'s object frame, the same on every call: point "p{k}" of a keypoint pair
-    is one place on the object in every image of the class, so pairs can be re-paired (`hyperfeatures_train.cross_pairs`)."""
+    is one place on the object in every image of the class, so pairs can be re-paired
+    (`hyperfeatures_train.cross_pairs`)."""
     uv = np.random.default_rng([7919, SHAPES.index(shape)]).uniform(-1, 1, (40 * n + 40, 2))
     return uv[inside_shape(shape, uv[:, 0], uv[:, 1])][:n]
 
