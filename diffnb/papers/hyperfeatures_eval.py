@@ -71,7 +71,8 @@ def pair_hits(predictions, pairs, alpha: float = 0.1) -> list[np.ndarray]:
 
 def pck_gain(hits, base_hits) -> dict:
     """PCK (bbox, at the alpha the hits used) points of one matcher minus another's on the same pairs (`pair_hits`
-    of each), pooled over keypoints, with a 95 % interval that resamples whole pairs (a pair's keypoints are not independent)."""
+    of each), pooled over keypoints, with a 95 % interval that resamples whole pairs (a pair's keypoints are not
+    independent)."""
     from ..premises import bootstrap_ci
 
     if len(hits) != len(base_hits) or any(len(a) != len(b) for a, b in zip(hits, base_hits)):
