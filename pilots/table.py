@@ -52,8 +52,10 @@ CHOICE = """\
 that draws every factor the premises need, and beats the same-VAE baseline `v1m` on all four premises at the pilot
 budget; it was trained on from its pilot (rows `v2_full*`). At 34,500 steps (`v2_full5`) it clears the shape bar
 (0.92 on 200 generations) and holds StyleAligned's premise (1.00, interval 0.94 to 1.06) where v1 does not; it is
-committed as `pilots/v2_warm/` and ships once every notebook and benchmark is re-measured on it (its ship check:
-`pilots/README.md`). Until then the v1 model above stays the `toy`. EmerDiff locality and ConsiStory transfer did
+committed as `pilots/v2_warm/`. Its ship check (`pilots/README.md`): on fresh sets both StyleAligned claims hold
+on it (v1: neither), ConsiStory's full method stays below its bar on both, and DiffSim's content 2AFC falls below
+0.9 on v2 (v1 meets it). Until every notebook and benchmark is re-measured on it, the v1 model above stays the
+`toy`. EmerDiff locality and ConsiStory transfer did
 not reach their bars on any candidate. Hyperfeatures column: rows scored before the switch to cross pairs trained
 on the listed pairs only and overfit them (`pilots/README.md`)."""
 
