@@ -25,10 +25,9 @@ def main():
     p.add_argument("--n", type=int, default=48)
     a = p.parse_args()
     from diffnb.metrics import two_afc
-    from diffnb.models import load_pipeline
+    from diffnb.models import TOY_DIR, load_pipeline
     from diffnb.papers.diffsim import DiffSimArgs, diffsim_sweep
     from diffnb.premises import bootstrap_ci, load_folder
-    from diffnb.models import TOY_DIR
     from diffnb.toyworld.evaluate import model_world
     from diffnb.toyworld.scoring import triplets
 
@@ -49,8 +48,9 @@ def main():
         rows = {}
         for seed in (int(s) for s in a.seeds.split(",")):
             s = scores(*triplets(kind, a.n, seed=seed, world=world), layers=best[0], timesteps=best[1]).aas[best]
-            hits = list((s[:a.n] > s[a.n:]).double().numpy() + 0.5 * (s[:a.n] == s[a.n:]).double().numpy())
-            rows[seed] = {"two_afc": two_afc(s[:a.n], s[a.n:]), "ci95": bootstrap_ci(hits, np.mean)}
+            triplet_scores = list(zip(s[:a.n].tolist(), s[a.n:].tolist()))  # (positive, negative), resampled whole
+            rows[seed] = {"two_afc": two_afc(s[:a.n], s[a.n:]),
+                          "ci95": bootstrap_ci(triplet_scores, lambda g: two_afc(*zip(*g)))}
             print(f"{kind:8s} seed {seed}: 2AFC {rows[seed]['two_afc']:.3f} [{rows[seed]['ci95'][0]:.3f}, "
                   f"{rows[seed]['ci95'][1]:.3f}]  ({best[0]}, t={best[1]})", flush=True)
         out["kinds"][kind] = {"layer": best[0], "timestep": best[1], "per_seed": rows}

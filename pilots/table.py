@@ -55,9 +55,9 @@ budget; it was trained on from its pilot (rows `v2_full*`). At 34,500 steps (`v2
 committed as `pilots/v2_warm/`. Its ship check (`pilots/README.md`): on fresh sets both StyleAligned claims hold
 on it (v1: neither), ConsiStory's full method stays below its bar on both, and DiffSim's content 2AFC falls below
 0.9 on v2 (v1 meets it). Until every notebook and benchmark is re-measured on it, the v1 model above stays the
-`toy`. EmerDiff locality and ConsiStory transfer did
-not reach their bars on any candidate. Hyperfeatures column: rows scored before the switch to cross pairs trained
-on the listed pairs only and overfit them (`pilots/README.md`)."""
+`toy`. EmerDiff locality and ConsiStory transfer did not reach their bars on any candidate. Hyperfeatures column:
+rows scored before the switch to cross pairs trained on the listed pairs only and overfit them
+(`pilots/README.md`)."""
 
 
 def card_notes() -> str:
