@@ -1,8 +1,8 @@
 """DiffSim 2AFC of a toy model on fresh triplets, the way notebook 05 scores it: `python pilots/diffsim_fresh.py MODEL`.
 
 MODEL is `toy` (the shipped model) or a saved pipeline folder (e.g. pilots/v2_warm); triplets are rendered in the
-model's world. The layer x timestep is picked on notebook 05's selection triplets (seed 0, 32 a kind), as the
-notebook does; it is then scored on three fresh sets of 48 (seeds 2, 3, 4: the notebook scores seed 1), each with a
+model's world. The layer x timestep is picked on notebook 05's selection triplets (seed 0, 32 a kind) by `best_setting`, as
+the notebook does; it is then scored on three fresh sets of 48 (seeds 2, 3, 4: the notebook scores seed 1), each with a
 95 % bootstrap interval over triplets. Writes pilots/results/diffsim_fresh_<name>.json.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main():
     a = p.parse_args()
     from diffnb.metrics import two_afc
     from diffnb.models import TOY_DIR, load_pipeline
-    from diffnb.papers.diffsim import DiffSimArgs, diffsim_sweep
+    from diffnb.papers.diffsim import DiffSimArgs, best_setting, diffsim_sweep
     from diffnb.premises import bootstrap_ci, load_folder
     from diffnb.toyworld.evaluate import model_world
     from diffnb.toyworld.scoring import triplets
@@ -44,7 +44,7 @@ def main():
     for kind in KINDS:
         sel = triplets(kind, 32, seed=0, world=world)
         sweep = scores(*sel, layers="self", timesteps=TIMESTEPS).aas
-        best = max(sweep, key=lambda key: two_afc(sweep[key][:32], sweep[key][32:]))
+        best = best_setting(sweep, 32)
         rows = {}
         for seed in (int(s) for s in a.seeds.split(",")):
             s = scores(*triplets(kind, a.n, seed=seed, world=world), layers=best[0], timesteps=best[1]).aas[best]

@@ -48,16 +48,16 @@ def rows() -> list[str]:
 
 
 CHOICE = """\
-**The choice.** `v2` (local textures, a pattern over the whole object, one to three objects) is the only candidate
-that draws every factor the premises need, and beats the same-VAE baseline `v1m` on all four premises at the pilot
-budget; it was trained on from its pilot (rows `v2_full*`). At 34,500 steps (`v2_full5`) it clears the shape bar
-(0.92 on 200 generations) and holds StyleAligned's premise (1.00, interval 0.94 to 1.06) where v1 does not; it is
-committed as `pilots/v2_warm/`. Its ship check (`pilots/README.md`): on fresh sets both StyleAligned claims hold
-on it (v1: neither), ConsiStory's full method stays below its bar on both, and DiffSim's content 2AFC falls below
-0.9 on v2 (v1 meets it). Until every notebook and benchmark is re-measured on it, the v1 model above stays the
-`toy`. EmerDiff locality and ConsiStory transfer did not reach their bars on any candidate. Hyperfeatures column:
-rows scored before the switch to cross pairs trained on the listed pairs only and overfit them
-(`pilots/README.md`)."""
+**The choice: `v2`, shipped as `toy`.** `v2` (local textures, a pattern over the whole object, one to three
+objects) is the only candidate that draws every factor the premises need, and beats the same-VAE baseline `v1m` on
+all four premises at the pilot budget; it was trained on from its pilot (rows `v2_full*`) to 34,500 steps
+(`v2_full5`), where it clears the shape bar (0.92 on 200 generations) and holds StyleAligned's premise (1.00,
+interval 0.94 to 1.06) where v1 does not (0.77). Its ship check on fresh sets (`pilots/README.md`) decided it: both
+StyleAligned claims hold on v2 (v1: neither) and Hyperfeatures' aggregate beats one timestep (v1: a tie); the price
+is DiffSim's content 2AFC, which v1 meets and v2 misses narrowly (0.875 to 0.896 on three fresh sets), and a wider
+EmerDiff miss. ConsiStory's full method stays below its bar on both. EmerDiff locality and ConsiStory transfer did
+not reach their bars on any candidate. Hyperfeatures column: rows scored before the switch to cross pairs trained
+on the listed pairs only and overfit them (`pilots/README.md`)."""
 
 
 def card_notes() -> str:

@@ -11,7 +11,7 @@ from diffnb.layers import resolution
 from diffnb.models import toy_is_trained
 from diffnb.papers import diffsim as diffsim_module
 from diffnb.metrics import two_afc
-from diffnb.papers.diffsim import (DiffSimArgs, diffsim, diffsim_sweep, official_timestep, pair_noise, pixel_l2_similarity,
+from diffnb.papers.diffsim import (DiffSimArgs, best_setting, diffsim, diffsim_sweep, official_timestep, pair_noise, pixel_l2_similarity,
                                    symmetric_aas)
 from diffnb.processors import attention_names
 from diffnb.toyworld.scoring import triplets
@@ -225,6 +225,19 @@ def test_toy_triplets_have_the_answers_they_claim():
     assert two_afc([1, 2, 3], [0, 2, 4]) == pytest.approx(0.5)
 
 
+def test_best_setting_ranks_by_2afc_then_margin():
+    """Both "a" and "b" score 2AFC 1.0; "b" separates by more per unit spread, so it wins; "c" (0.5) never does."""
+    scores = {"a": [1.0, 1.5, 1.2, 0.9, 1.0, 1.1], "b": [2.0, 2.4, 2.2, 1.0, 1.2, 1.3], "c": [5.0, 0.0, 5.0, 0.0, 9.0, 9.0]}
+    assert best_setting(scores, 3) == "b"
+    assert best_setting({k: scores[k] for k in "ac"}, 3) == "a"  # 2AFC first: c's huge mean margin does not count
+    scores["a"] = [9.0, 9.0, 9.0, 0.0, 0.0, 0.0]  # constant margin: infinitely separated, std 0: ranks above any spread
+    assert best_setting(scores, 3) == "a"
+    with pytest.raises(ValueError, match="expected \\(6,\\)"):
+        best_setting({"a": [1.0, 2.0]}, 3)
+    with pytest.raises(ValueError, match="empty"):
+        best_setting({}, 3)
+
+
 @pytest.mark.skipif(not toy_is_trained(), reason="toy model not trained")
 def test_toy_model_finds_style_and_content():
     """Pick the best layer x timestep on one set of triplets, then score fresh held-out triplets with it."""
@@ -234,7 +247,7 @@ def test_toy_model_finds_style_and_content():
         ref, pos, neg = triplets(kind, 32, seed=0)
         sweep = diffsim_sweep(pipe, np.concatenate([ref, ref]), np.concatenate([pos, neg]), timesteps=(50, 500),
                               progress=False)
-        best = max(sweep.aas, key=lambda key: two_afc(sweep.aas[key][:32], sweep.aas[key][32:]))
+        best = best_setting(sweep.aas, 32)
         ref, pos, neg = triplets(kind, 32, seed=1)
         s_pos, s_neg = (diffsim(pipe, ref, x, best[0], best[1], progress=False) for x in (pos, neg))
         acc, pixel = two_afc(s_pos, s_neg), two_afc(pixel_l2_similarity(ref, pos), pixel_l2_similarity(ref, neg))

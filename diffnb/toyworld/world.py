@@ -85,7 +85,7 @@ WORLDS = {
     "v2": WorldConfig("v2", background="texture", identity="pattern", object_probs=(0.5, 0.3, 0.2)),
 }
 # The world of the shipped toy model (assets/toy/training_config.json, checked by a test): every default below.
-TOY_WORLD = "v1"
+TOY_WORLD = "v2"
 
 
 def world_config(world: str | WorldConfig) -> WorldConfig:
