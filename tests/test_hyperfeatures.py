@@ -395,11 +395,13 @@ def test_toy_pairs():
     dense = keypoint_pairs(3, "train", seed=1, extra_points=10)
     for p, d in zip(pairs, dense):
         assert np.array_equal(p.src_image, d.src_image) and d.names[:len(p.names)] == p.names
-        assert d.names[len(p.names):] == tuple(f"p{j}" for j in range(10))
+        extra = d.names[len(p.names):]  # the object points both renders show (v2: other objects may hide some)
+        assert extra and list(extra) == [f"p{j}" for j in sorted(int(n[1:]) for n in extra)] and len(extra) <= 10
         np.testing.assert_array_equal(d.trg_kps[:len(p.names)], p.trg_kps)
         for kps, img in ((d.src_kps, d.src_image), (d.trg_kps, d.trg_image)):  # on the object: its colour, not pale bg
             px = img[kps[:, 1].astype(int), kps[:, 0].astype(int)].astype(int)
-            assert (px.max(1) - px.min(1) > 60).mean() > 0.8
+            saturation = (px.max(1) - px.min(1)) / np.maximum(px.max(1), 1)  # shade-free: v2's pattern darkens
+            assert (saturation > 0.5).mean() > 0.8, px
     # colours differ: the mean object colour of source and target is not the same
     p = pairs[0]
     assert not np.allclose(p.src_image[int(p.src_kps[0, 1]), int(p.src_kps[0, 0])],
