@@ -280,7 +280,8 @@ def write_card(m: dict, out_dir: Path, world: str = TOY_WORLD, notes: str = ""):
         n_tokens=max_tokens(wc), tokenizer_note=('; checkpoints before step 4,500 used a tokenizer that split '
                                                  '"triangle" and "purple" into pieces') if wc.name == "v1" else "",
         batch=cfg["batch"], lr=cfg["lr"], grounding=grounding_note(cfg),
-        cooldown=f" (decayed linearly to 0 from step {cfg['cooldown_from']:,})" if cfg.get("cooldown_from") else "", device=cfg.get("device", "cpu"), table="\n".join(lines),
+        cooldown=(f" (decayed linearly to 0 from step {cfg.get('init_steps', 0) + cfg['cooldown_from']:,}, counted from "
+                  "the first stage)" if cfg.get("cooldown_from") else ""), device=cfg.get("device", "cpu"), table="\n".join(lines),
         probe={k: round(v, 3) for k, v in (m["probe_heldout_accuracy"] or {}).items()}))
 
 
