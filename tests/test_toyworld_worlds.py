@@ -158,7 +158,7 @@ def test_model_card_records_the_warm_start_chain_the_vae_and_the_notes(tmp_path)
     m = {"fidelity_shape": 0.95, "probe_heldout_accuracy": {"shape": 1.0}, "n_fidelity": 200}
     write_card(m, tmp_path, "v2", notes="## Pilots\n| a | b |\n")
     card = (tmp_path / "README.md").read_text()
-    assert "11,500 steps" in card and "Warm-started from `pilots/v2_warm`" in card and "4,750 steps" in card
+    assert "11,500 steps" in card and "Warm-started from the export after 4,750 steps (then at `pilots/v2_warm`" in card
     assert "the VAE of `vae_mix`" in card and "VAE 800 steps" not in card
     assert "## Pilots\n| a | b |" in card and "20 tokens" in card and "world `v2`" in card
     args.update(world="v1", vae_from=None, init_from=None, init_steps=0, unet_steps=11500, trained_unet_steps=11500)

@@ -274,9 +274,9 @@ def write_card(m: dict, out_dir: Path, world: str = TOY_WORLD, notes: str = ""):
         backgrounds="/".join(BACKGROUNDS), status=status, unet_steps=total, notes=notes and f"\n{notes.strip()}\n",
         vae=(f"the VAE of `{Path(cfg['vae_from']).name}` (trained separately, frozen here)" if cfg.get("vae_from")
              else f"VAE {cfg['vae_steps']} steps"),
-        history=(f" Warm-started from `{'/'.join(Path(cfg['init_from']).parts[-2:])}` (an export after "
-                 f"{cfg['init_steps']:,} steps; optimizer and EMA restart at a warm start), then {cfg['trained_unet_steps']:,} steps here; steps count from "
-                 "the first stage." if cfg.get("init_from") else ""),
+        history=(f" Warm-started from the export after {cfg['init_steps']:,} steps (then at "
+                 f"`{'/'.join(Path(cfg['init_from']).parts[-2:])}`; optimizer and EMA restart at a warm start), then "
+                 f"{cfg['trained_unet_steps']:,} steps here; steps count from the first stage." if cfg.get("init_from") else ""),
         n_tokens=max_tokens(wc), tokenizer_note=('; checkpoints before step 4,500 used a tokenizer that split '
                                                  '"triangle" and "purple" into pieces') if wc.name == "v1" else "",
         batch=cfg["batch"], lr=cfg["lr"], grounding=grounding_note(cfg),
