@@ -56,13 +56,17 @@ interval 0.94 to 1.06) where v1 does not (0.77). Its ship check on fresh sets (`
 StyleAligned claims hold on v2 (v1: neither) and Hyperfeatures' aggregate beats one timestep (v1: a tie); the price
 is DiffSim's content 2AFC, which v1 meets and v2 misses narrowly (0.875 to 0.896 on three fresh sets), and a wider
 EmerDiff miss. ConsiStory's full method stays below its bar on both. EmerDiff locality and ConsiStory transfer did
-not reach their bars on any candidate. Hyperfeatures column: rows scored before the switch to cross pairs trained
+not reach their bars on the one-block candidates. A second transformer block per attention (`v2_deep`, the same CPU)
+is the first candidate past EmerDiff's bar: 3.34 at the pilot budget and 3.21 (interval 2.94 to 4.14) continued to
+6,750 steps (`v2_deep2`), above the shipped toy on 22 of 24 renders; its ConsiStory transfer (+0.07) is no better,
+and at shape fidelity 0.50 it is far from shippable (`pilots/v2_deep_warm` is the warm start of that training).
+Hyperfeatures column: rows scored before the switch to cross pairs trained
 on the listed pairs only and overfit them (`pilots/README.md`)."""
 
 
 def card_notes() -> str:
     return ("## Pilots (issue 17): candidate worlds scored by the premise tests\n\n"
-            "Each pilot: 3,000 UNet steps at one budget, scored on the same held-out scenes and seeds "
+            "Each pilot: one CPU budget (3,000 UNet steps; `v2_deep`, whose step costs 1.7 times as much, 1,750), scored on the same held-out scenes and seeds "
             "(`pilots/score_pilot.py`, `diffnb.premises` at full size: 24 renders / sets, 48 + 48 keypoint pairs); "
             "intervals are 95 % bootstrap over images / sets / pairs. Recipe, candidates and reading: "
             "`pilots/README.md`.\n\n" + "\n".join(rows()) + "\n\n" + CHOICE + "\n")
